@@ -1,0 +1,339 @@
+"""Task splits, training and evaluation, the same for every ARC family.
+
+Data flows one way: a family's tasks are split into training and unseen test tasks,
+`tasks.make_batch` turns tasks into token batches, the model is trained on the answer
+tokens, and `evaluate` scores the query of fresh samples. Results are plain dicts.
+"""
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpt import GPT, GPTConfig
+from tasks import make_batch
+
+
+# ----------------------------------------------------------------------------- splits
+
+def parse_task_count(spec, n_options):
+    """An integer ("46") or a multiple of D ln D ("3dlogd", "dlogd", "0.5dlogd")."""
+    text = str(spec).strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)?\s*\*?\s*dlogd", text)
+    if match:
+        count = round(float(match.group(1) or 1) * n_options * math.log(n_options))
+    elif re.fullmatch(r"[+-]?\d+", text):
+        count = int(text)
+    else:
+        raise ValueError(f"training task count must be an integer or a multiple of dlogd such as 3dlogd, got {spec!r}")
+    if count < 1:
+        raise ValueError(f"training task count must be at least 1, got {spec!r} = {count}")
+    return count
+
+
+@dataclass
+class Exclusion:
+    """Training tasks the paper's Section 5.1 withholds; positions are 1-based as in the paper."""
+
+    missing_coordinate: tuple = None  # (c, v): no training task has theta_c = v
+    missing_pair: tuple = None  # (a, b): no training task contains both a and b
+
+    def check(self, n_options, n_steps):
+        if self.missing_coordinate is not None:
+            c, v = self.missing_coordinate
+            if not 1 <= c <= n_steps:
+                raise ValueError(f"missing-coordinate position must be in 1..{n_steps}, got {c}")
+            if not 0 <= v < n_options:
+                raise ValueError(f"missing-coordinate value must be in 0..{n_options - 1}, got {v}")
+        if self.missing_pair is not None:
+            a, b = self.missing_pair
+            if a == b:
+                raise ValueError(f"missing-pair needs two different values, got {a} {b}")
+            for value in (a, b):
+                if not 0 <= value < n_options:
+                    raise ValueError(f"missing-pair values must be in 0..{n_options - 1}, got {value}")
+
+    def any(self):
+        return self.missing_coordinate is not None or self.missing_pair is not None
+
+    def excludes(self, tasks):
+        """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
+        removed = np.zeros(len(tasks), dtype=bool)
+        if self.missing_coordinate is not None:
+            c, v = self.missing_coordinate
+            removed |= tasks[:, c - 1] == v
+        if self.missing_pair is not None:
+            a, b = self.missing_pair
+            removed |= (tasks == a).any(axis=1) & (tasks == b).any(axis=1)
+        return removed
+
+
+@dataclass
+class TaskSplit:
+    train: np.ndarray  # (n_train, T)
+    test: np.ndarray  # (n_test, T)
+    test_excluded: np.ndarray  # (n_test,) bool: out of distribution under the exclusion
+    n_total: int
+
+
+def split_tasks(all_tasks, n_train, seed, exclusion=Exclusion(), max_test=200):
+    """ARC.md section 4: test tasks first, uniformly; training tasks from the allowed rest."""
+    n_total = len(all_tasks)
+    if n_train >= n_total:
+        raise ValueError(f"asked for {n_train} training tasks but only {n_total} tasks exist, leaving none to test")
+    rng = np.random.default_rng(seed)
+    n_test = min(max_test, n_total - n_train)
+    test_index = rng.choice(n_total, size=n_test, replace=False)
+    excluded = exclusion.excludes(all_tasks)
+    candidates = np.ones(n_total, dtype=bool)
+    candidates[test_index] = False
+    candidates &= ~excluded
+    allowed = np.flatnonzero(candidates)
+    if len(allowed) < n_train:
+        raise ValueError(
+            f"the exclusion leaves {len(allowed)} possible training tasks (of {n_total}, {n_test} kept for testing), "
+            f"fewer than the {n_train} asked for")
+    train_index = rng.choice(allowed, size=n_train, replace=False)
+    return TaskSplit(all_tasks[np.sort(train_index)], all_tasks[test_index], excluded[test_index], n_total)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    context_length: int = 12  # N: examples per sample, the last one is the query
+    cot: bool = True
+    n_layers: int = 3
+    n_heads: int = 1
+    width: int = 192
+    position: str = "example"  # "absolute" (GPT-2) or "example" (see GPTConfig.example_len)
+    alibi: bool = False
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    steps: int = 2000
+    n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
+    eval_every: int = 250
+    eval_samples: int = 2000  # samples per task group at the final evaluation
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every_seconds: float = 120.0
+
+    def check(self):
+        for name in ("context_length", "n_layers", "n_heads", "width", "batch_size", "steps", "eval_every", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.width % self.n_heads:
+            raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.n_train_total is not None and self.n_train_total < 1:
+            raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
+        if self.position not in ("absolute", "example"):
+            raise ValueError(f"position must be 'absolute' or 'example', got {self.position!r}")
+
+
+def build_model(family, cfg):
+    example_len = family.example_len(cfg.cot)
+    config = GPTConfig(
+        vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
+        example_len=example_len if cfg.position == "example" else 0, alibi=cfg.alibi)
+    return GPT(config)
+
+
+def learning_rate(step, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainingData:
+    """Training batches: fresh samples of uniformly drawn training tasks, or a fixed dataset."""
+
+    def __init__(self, family, train_tasks, cfg, generator):
+        self.family, self.cfg, self.generator = family, cfg, generator
+        self.tasks = torch.as_tensor(train_tasks, device=generator.device)
+        self.dataset = None
+        if cfg.n_train_total is not None:
+            # The authors' setup: n_train_total samples split evenly across the training tasks.
+            per_task = max(1, cfg.n_train_total // len(train_tasks))
+            self.dataset = make_batch(family, self.tasks.repeat_interleave(per_task, dim=0),
+                                      cfg.context_length, cfg.cot, generator).tokens
+
+    def next_batch(self):
+        if self.dataset is not None:
+            rows = torch.randint(0, self.dataset.size(0), (self.cfg.batch_size,), generator=self.generator, device=self.dataset.device)
+            return self.dataset[rows]
+        picks = torch.randint(0, len(self.tasks), (self.cfg.batch_size,), generator=self.generator, device=self.tasks.device)
+        return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator).tokens
+
+
+def answer_positions(family, cfg, device):
+    """Positions p whose next token p+1 is an answer token: where the loss is taken."""
+    probe = make_batch(family, torch.as_tensor(family.all_tasks()[:1], device=device),
+                       cfg.context_length, cfg.cot, torch.Generator(device=device))
+    return probe.answer_mask[1:].nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def evaluate(model, family, tasks, cfg, generator, n_samples, batch_size=500):
+    """Score the query of fresh samples of `tasks` (n, T), n_samples spread evenly over the tasks.
+
+    exact_match_generated: greedy decoding of the whole answer from the query's input;
+    exact_match_teacher_forced: argmax at every answer position given the true prefix;
+    per_step: generated accuracy of each answer step; per_task: generated exact match per task.
+    """
+    model.eval()
+    device = generator.device
+    per_task = max(1, -(-n_samples // len(tasks)))
+    task_ids = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
+    all_tasks = torch.as_tensor(tasks, device=device)
+    generated_steps, teacher_forced = [], []
+    for chunk in task_ids.split(batch_size):
+        batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
+        answer = batch.tokens[:, -batch.answer_len:]
+        with autocast(device):
+            logits = model(batch.tokens[:, :-1])[:, -batch.answer_len:]
+            generated = model.generate(batch.tokens[:, :-batch.answer_len], batch.answer_len)
+        teacher_forced.append((logits.argmax(-1) == answer).all(1))
+        steps_right = (generated == answer).view(len(chunk), -1, batch.tokens_per_step).all(2)
+        generated_steps.append(steps_right)
+    generated_steps = torch.cat(generated_steps).float()
+    generated = generated_steps.all(1).float()
+    model.train()
+    return {
+        "exact_match_generated": generated.mean().item(),
+        "exact_match_teacher_forced": torch.cat(teacher_forced).float().mean().item(),
+        "per_step": generated_steps.mean(0).tolist(),
+        "per_task": generated.view(len(tasks), per_task).mean(1).tolist(),
+        "n_samples": len(task_ids),
+    }
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores); full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def atomic_write(path, write):
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(path, data):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+    atomic_write(path, write)
+
+
+@dataclass
+class Checkpoint:
+    path: str = None  # where to save (None: never)
+    resume: str = None  # where to resume from (None: start fresh)
+
+
+def train(family, split, cfg, checkpoint=Checkpoint(), log=print):
+    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics)."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(family, cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    data = TrainingData(family, split.train, cfg, generator)
+    positions = answer_positions(family, cfg, device)
+    history, milestones = [], {}
+    start_step, elapsed_before = 0, 0.0
+    if checkpoint.resume:
+        state = torch.load(checkpoint.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].to(generator.get_state().device))
+        start_step, elapsed_before = state["step"], state["wall_seconds"]
+        history, milestones = state["history"], state["milestones"]
+        log(f"resumed from {checkpoint.resume} at step {start_step}")
+
+    def save(step, elapsed):
+        if checkpoint.path:
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
+                         step=step, wall_seconds=elapsed, history=history, milestones=milestones, config=asdict(cfg))
+            atomic_write(checkpoint.path, lambda tmp: torch.save(state, tmp))
+
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens per sample, "
+        f"{len(split.train)} training tasks, {len(split.test)} unseen tasks of {split.n_total}")
+    tokens_per_step = cfg.batch_size * model.config.block_size
+    loss_sum = torch.zeros((), device=device)
+    t0 = time.time() - elapsed_before
+    last_log, last_log_step, last_save = time.time(), start_step, time.time()
+    for step in range(start_step, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        tokens = data.next_batch()
+        with autocast(device):
+            logits = model(tokens[:, :-1])[:, positions]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach()  # read back only when logging: no host sync per step
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            mean_loss = loss_sum.item() / (done - last_log_step)
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} by step {done}; lower --lr")
+            # A separate generator, so that progress evaluations never change the training data.
+            quick = evaluate(model, family, split.test, cfg, torch.Generator(device=device).manual_seed(done), n_samples=256)
+            now = time.time()
+            tokens_per_second = tokens_per_step * (done - last_log_step) / (now - last_log)
+            elapsed = now - t0
+            unseen = quick["exact_match_generated"]
+            history.append(dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed))
+            for goal in ("0.90", "0.98"):
+                if unseen >= float(goal) and goal not in milestones:
+                    milestones[goal] = dict(step=done, wall_seconds=elapsed)
+            eta = elapsed / done * (cfg.steps - done)
+            log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
+                f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
+            loss_sum.zero_()
+            last_log, last_log_step = time.time(), done
+            if time.time() - last_save > cfg.checkpoint_every_seconds:
+                save(done, elapsed)
+                last_save = time.time()
+    wall_seconds = time.time() - t0
+    save(cfg.steps, wall_seconds)
+    return model, dict(
+        steps=cfg.steps, wall_seconds=wall_seconds,
+        tokens_per_second=tokens_per_step * (cfg.steps - start_step) / max(1e-9, wall_seconds - elapsed_before),
+        history=history, time_to_accuracy=milestones, n_parameters=model.num_params())
+
+
+def run_split(family, split, cfg, exclusion=Exclusion(), checkpoint=Checkpoint(), log=print):
+    """Train, then score fresh samples of the training tasks and of the unseen tasks
+    (and, under an exclusion, of its in- and out-of-distribution unseen tasks apart)."""
+    model, results = train(family, split, cfg, checkpoint, log)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
+    groups = {"train_tasks": split.train, "unseen_tasks": split.test}
+    if exclusion.any():
+        groups["unseen_in_distribution"] = split.test[~split.test_excluded]
+        groups["unseen_out_of_distribution"] = split.test[split.test_excluded]
+    for name, tasks in groups.items():
+        if len(tasks):
+            results[name] = evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
+    return results

@@ -1,0 +1,178 @@
+"""A small GPT in one file, in the spirit of nanoGPT's model.py.
+
+Pre-LayerNorm transformer blocks, causal attention through
+torch.nn.functional.scaled_dot_product_attention, a GELU MLP, GPT-2 style
+initialisation, weight-tied output head, and greedy decoding with a key/value
+cache. Nothing in here knows about tasks: it maps token ids to logits.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int  # longest sequence the position encoding covers
+    n_layer: int = 3
+    n_head: int = 1
+    n_embd: int = 192
+    # 0: GPT-2's learned absolute positions (the paper's model).
+    # E > 0: every sequence is a run of examples E tokens long, and a position p is
+    # encoded as (offset p % E within its example) + (index p // E of the example),
+    # both learned. The offset says which input coordinate or answer step a token
+    # is, the same in every example, which is what in-context task inference keys on.
+    example_len: int = 0
+    # ALiBi (Press et al., 2022): head h adds -slope_h * distance to its attention scores, with
+    # geometric slopes, so from the start some heads look at the nearby tokens of their own
+    # example and others at the whole context.
+    alibi: bool = False
+    bias: bool = True
+
+
+class KVCache:
+    """Keys and values of every layer for a batch being decoded, preallocated."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.keys = self.values = None  # allocated at the first call, in k's dtype (autocast may change it)
+        self.length = 0  # tokens already stored; advanced by GPT.forward
+
+    def extend(self, layer, k, v):
+        """Store this layer's new keys/values, return all of them so far."""
+        if self.keys is None:
+            B, H, _, head_dim = k.shape
+            shape = (self.n_layer, B, H, self.max_len, head_dim)
+            self.keys = k.new_empty(shape)
+            self.values = v.new_empty(shape)
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x, cache=None, attn_bias=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.extend(self.layer, k, v)
+        # A prefill (T == all keys) needs the causal mask; a decoding step (one new
+        # query token) may see every cached key, so it needs none.
+        if attn_bias is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, attn_bias=None):
+        x = x + self.attn(self.ln_1(x), cache, attn_bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.example_len:
+            self.wpe = nn.Embedding(config.example_len, config.n_embd)
+            self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
+        else:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by depth so the residual stream's
+        # variance does not grow with the number of layers.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def position_embedding(self, start, length, device):
+        pos = torch.arange(start, start + length, device=device)
+        if self.config.example_len:
+            E = self.config.example_len
+            return self.wpe(pos % E) + self.wpe_example(pos // E)
+        return self.wpe(pos)
+
+    def alibi_bias(self, start, length, device):
+        """(n_head, length, start + length) additive scores: causal mask plus ALiBi's distance penalty."""
+        slopes = 2.0 ** (-8.0 * torch.arange(1, self.config.n_head + 1, device=device) / self.config.n_head)
+        distance = torch.arange(start, start + length, device=device)[:, None] - torch.arange(start + length, device=device)
+        bias = -slopes[:, None, None] * distance
+        return bias.masked_fill(distance < 0, float("-inf"))
+
+    def forward(self, idx, cache=None):
+        """Logits (B, T, vocab_size) for token ids idx (B, T).
+
+        With a cache, idx continues the tokens the cache already holds.
+        """
+        start = cache.length if cache is not None else 0
+        if start + idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
+        x = self.wte(idx) + self.position_embedding(start, idx.size(1), idx.device)
+        attn_bias = self.alibi_bias(start, idx.size(1), idx.device) if self.config.alibi else None
+        for block in self.blocks:
+            x = block(x, cache, attn_bias)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return self.lm_head(self.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, use_cache=True):
+        """Greedy decoding: the (B, max_new_tokens) tokens that follow idx."""
+        cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
+        new_tokens = []
+        context = idx
+        for _ in range(max_new_tokens):
+            logits = self(context, cache)[:, -1]
+            next_token = logits.argmax(dim=-1, keepdim=True)
+            new_tokens.append(next_token)
+            # With a cache only the new token goes in next; without, everything again.
+            context = next_token if use_cache else torch.cat([context, next_token], dim=1)
+        return torch.cat(new_tokens, dim=1)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,173 @@
+"""Reproduce the paper's ARC task-generalization experiments from the command line.
+
+    python run.py                      # the CPU default: sparse parity, CoT, minutes on a laptop
+    python run.py parity --no-cot      # the same, answer-only in-context learning
+    python run.py parity --help        # every knob, with its meaning in the paper
+
+Every run prints progress, ends with a table, and writes a JSON file of results.
+"""
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+
+from arc import Checkpoint, Exclusion, TrainConfig, parse_task_count, run_split, save_json, split_tasks
+from tasks import SparseParity
+
+# The CPU default. `python run.py` and `python run.py parity` both use exactly these.
+PARITY_DEFAULTS = dict(d=10, k=3, n_train_tasks="20")
+TRAIN_DEFAULTS = TrainConfig()
+
+
+def add_parity_args(parser):
+    parser.add_argument("--d", type=int, default=PARITY_DEFAULTS["d"],
+                        help="input length: x is uniform in {0,1}^d; D = d options per step")
+    parser.add_argument("--k", type=int, default=PARITY_DEFAULTS["k"],
+                        help="secret coordinates per task: the answer is the parity of k bits; T = k steps")
+    parser.add_argument("--unsorted", action="store_true",
+                        help="tasks are ordered k-tuples (d!/(d-k)! tasks) instead of sorted ones (C(d,k)); "
+                             "the chain of thought follows the tuple's order")
+
+
+def build_parity(args):
+    return SparseParity(args.d, args.k, unsorted=args.unsorted)
+
+
+# name -> (adds the family's own flags, builds the family from parsed flags, default training-task count)
+FAMILIES = {
+    "parity": (add_parity_args, build_parity, PARITY_DEFAULTS["n_train_tasks"]),
+}
+
+
+def add_common_args(parser, n_train_tasks_default):
+    d = TRAIN_DEFAULTS
+    parser.add_argument("--n-train-tasks", default=n_train_tasks_default,
+                        help="training tasks, drawn after the unseen test tasks: an integer or a multiple of "
+                             "D ln D such as 3dlogd (the paper's claim: about D ln D suffice with CoT)")
+    parser.add_argument("--n-test-tasks", type=int, default=200,
+                        help="unseen test tasks, drawn first (fewer when the universe is small)")
+    parser.add_argument("--context-length", type=int, default=d.context_length,
+                        help="N: in-context examples per sample, all of one task; the last is the query")
+    parser.add_argument("--no-cot", action="store_true",
+                        help="answer-only in-context learning: only the final answer y_T, no intermediate steps")
+    parser.add_argument("--missing-coordinate", type=int, nargs=2, metavar=("C", "V"),
+                        help="no training task has theta_C = V (C is a 1-based step, V an option): paper Section 5.1")
+    parser.add_argument("--missing-pair", type=int, nargs=2, metavar=("A", "B"),
+                        help="no training task contains both options A and B: paper Section 5.1")
+    parser.add_argument("--n-layers", type=int, default=d.n_layers, help="transformer blocks (paper: 3)")
+    parser.add_argument("--n-heads", type=int, default=d.n_heads, help="attention heads per block (paper: 1)")
+    parser.add_argument("--width", type=int, default=d.width, help="embedding width (paper: 192)")
+    parser.add_argument("--position", choices=["absolute", "example"], default=d.position,
+                        help="position encoding: GPT-2's learned absolute positions (paper), or learned "
+                             "(offset within example, example index)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (paper: 8e-5)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    parser.add_argument("--n-train-total", type=int, default=None,
+                        help="train on a fixed dataset of this many samples split evenly across the training "
+                             "tasks (the paper's setup) instead of fresh samples every step")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between progress evaluations")
+    parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                        help="fresh samples per task group in the final evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task split, the data and the model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (the best available)")
+    parser.add_argument("--out", help="results JSON file (default: results/<family>-<time>.json)")
+    parser.add_argument("--save", help="checkpoint file, written atomically every few minutes and at the end")
+    parser.add_argument("--resume", help="continue from this checkpoint (same flags as the run that wrote it)")
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or auto")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"device {name!r} is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def train_config(args):
+    """The TrainConfig the parsed flags describe."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["cot"] = not args.no_cot
+    values["device"] = resolve_device(args.device)
+    cfg = TrainConfig(**values)
+    cfg.check()
+    return cfg
+
+
+def print_table(results, log):
+    log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step (generated)")
+    for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution", "unseen_out_of_distribution"):
+        if group in results:
+            r = results[group]
+            steps = " ".join(f"{p:.3f}" for p in r["per_step"])
+            log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}{r['exact_match_generated']:>11.3f}"
+                f"{r['exact_match_teacher_forced']:>16.3f}   {steps}")
+
+
+def run_family(args, log=print):
+    """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
+    _, build_family, _ = FAMILIES[args.family]
+    family = build_family(args)
+    cfg = train_config(args)
+    exclusion = Exclusion(tuple(args.missing_coordinate) if args.missing_coordinate else None,
+                          tuple(args.missing_pair) if args.missing_pair else None)
+    exclusion.check(family.n_options, family.n_steps)
+    n_train = parse_task_count(args.n_train_tasks, family.n_options)
+    if args.n_test_tasks < 1:
+        raise ValueError(f"n-test-tasks must be at least 1, got {args.n_test_tasks}")
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume file {args.resume} does not exist")
+    split = split_tasks(family.all_tasks(), n_train, args.seed, exclusion, max_test=args.n_test_tasks)
+    out = args.out or os.path.join("results", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
+        f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
+    checkpoint = Checkpoint(path=args.save or args.resume, resume=args.resume)
+    results = run_split(family, split, cfg, exclusion, checkpoint, log)
+    results = dict(config=vars(args), family=args.family, n_total_tasks=split.n_total, n_train_tasks=len(split.train),
+                   n_test_tasks=len(split.test), train_task_list=split.train.tolist(),
+                   test_task_list=split.test.tolist(), **results)
+    save_json(out, results)
+    print_table(results, log)
+    log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training tokens/s; results in {out}")
+    return results
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="family", metavar="experiment")
+    for name, (add_family_args, _, n_train_default) in FAMILIES.items():
+        sub = commands.add_parser(name, help=f"train and evaluate on the {name} family",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_family_args(sub)
+        add_common_args(sub, n_train_default)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["parity"] + argv  # `python run.py` is `python run.py parity`
+    args = parser.parse_args(argv)
+    try:
+        run_family(args)
+    except (ValueError, FloatingPointError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

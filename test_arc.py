@@ -1,0 +1,205 @@
+"""What the experiments rely on, pinned down: task splits, data, model, training, CLI.
+
+Run with `python -m pytest -q` (add `-m slow` for the end-to-end runs).
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from arc import Checkpoint, Exclusion, TrainConfig, evaluate, parse_task_count, run_split, split_tasks, train
+from gpt import GPT, GPTConfig
+from tasks import SparseParity, make_batch
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------- task splits
+
+@st.composite
+def parity_universes(draw):
+    d = draw(st.integers(2, 8))
+    k = draw(st.integers(1, min(d, 4)))
+    return SparseParity(d, k, unsorted=draw(st.booleans()))
+
+
+@st.composite
+def split_requests(draw):
+    family = draw(parity_universes())
+    n_total = len(family.all_tasks())
+    assume(n_total >= 2)
+    n_train = draw(st.integers(1, n_total - 1))
+    return family, n_train, draw(st.integers(0, 2**31 - 1)), draw(st.integers(1, 300))
+
+
+def as_set(tasks):
+    return {tuple(t) for t in tasks.tolist()}
+
+
+@PROPERTY
+@given(parity_universes())
+def test_enumeration_is_deterministic_and_complete(family):
+    tasks = family.all_tasks()
+    assert np.array_equal(tasks, family.all_tasks())
+    expected = math.perm(family.d, family.k) if family.unsorted else math.comb(family.d, family.k)
+    assert len(as_set(tasks)) == len(tasks) == expected
+    assert all(len(set(t)) == family.k for t in tasks.tolist())
+    if not family.unsorted:
+        assert (np.diff(tasks, axis=1) > 0).all()
+
+
+@PROPERTY
+@given(split_requests())
+def test_split_is_disjoint_counted_and_deterministic(request):
+    family, n_train, seed, max_test = request
+    tasks = family.all_tasks()
+    split = split_tasks(tasks, n_train, seed, max_test=max_test)
+    assert len(split.train) == n_train
+    assert len(split.test) == min(max_test, len(tasks) - n_train)
+    assert len(as_set(split.train)) == n_train and len(as_set(split.test)) == len(split.test)
+    assert not as_set(split.train) & as_set(split.test)
+    assert as_set(split.train) | as_set(split.test) <= as_set(tasks)
+    again = split_tasks(tasks, n_train, seed, max_test=max_test)
+    assert np.array_equal(split.train, again.train) and np.array_equal(split.test, again.test)
+
+
+@PROPERTY
+@given(split_requests())
+def test_test_tasks_do_not_depend_on_the_exclusion(request):
+    # Test tasks are drawn first, so an exclusion changes training tasks only.
+    family, n_train, seed, max_test = request
+    tasks = family.all_tasks()
+    exclusion = Exclusion(missing_coordinate=(1, 0))
+    try:
+        excluded = split_tasks(tasks, n_train, seed, exclusion, max_test=max_test)
+    except ValueError:
+        return
+    assert np.array_equal(excluded.test, split_tasks(tasks, n_train, seed, max_test=max_test).test)
+
+
+@PROPERTY
+@given(split_requests(), st.data())
+def test_exclusions_are_honoured(request, data):
+    family, n_train, seed, max_test = request
+    tasks = family.all_tasks()
+    c = data.draw(st.integers(1, family.k))
+    v = data.draw(st.integers(0, family.d - 1))
+    pair = data.draw(st.lists(st.integers(0, family.d - 1), min_size=2, max_size=2, unique=True))
+    for exclusion in (Exclusion(missing_coordinate=(c, v)), Exclusion(missing_pair=tuple(pair))):
+        removed = exclusion.excludes(tasks)
+        n_test = min(max_test, len(tasks) - n_train)
+        try:
+            split = split_tasks(tasks, n_train, seed, exclusion, max_test=max_test)
+        except ValueError as error:
+            # Only impossible requests may fail, and they must say so.
+            assert "exclusion leaves" in str(error)
+            assert (~removed).sum() - n_test < n_train
+            continue
+        assert not exclusion.excludes(split.train).any()
+        if exclusion.missing_coordinate:
+            assert (split.train[:, c - 1] != v).all()
+        else:
+            a, b = pair
+            assert not any(a in t and b in t for t in split.train.tolist())
+        assert np.array_equal(split.test_excluded, exclusion.excludes(split.test))
+
+
+@PROPERTY
+@given(parity_universes(), st.integers(0, 1000))
+def test_impossible_requests_raise(family, seed):
+    n_total = len(family.all_tasks())
+    with pytest.raises(ValueError, match="only .* tasks exist"):
+        split_tasks(family.all_tasks(), n_total, seed)
+    with pytest.raises(ValueError):
+        parse_task_count("-3", family.d)
+    # Excluding every pair that includes option 0 and 1 removes all tasks when d = 2, k = 2.
+    tiny = SparseParity(2, 2, unsorted=True)
+    with pytest.raises(ValueError, match="exclusion leaves 0"):
+        split_tasks(tiny.all_tasks(), 1, seed, Exclusion(missing_pair=(0, 1)))
+
+
+def test_task_counts():
+    assert parse_task_count("20", 10) == 20
+    assert parse_task_count("3dlogd", 10) == round(3 * 10 * math.log(10)) == 69
+    assert parse_task_count("dlogd", 15) == round(15 * math.log(15))
+    assert parse_task_count("0.5dlogd", 20) == round(10 * math.log(20))
+    for bad in ("0", "-1", "abc", "3dlog"):
+        with pytest.raises(ValueError):
+            parse_task_count(bad, 10)
+
+
+# ----------------------------------------------------------------------------- data
+
+@PROPERTY
+@given(parity_universes(), st.integers(1, 6), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_parity_batches(family, n_examples, batch_size, cot, seed):
+    generator = torch.Generator().manual_seed(seed)
+    all_tasks = torch.as_tensor(family.all_tasks())
+    tasks = all_tasks[torch.randint(len(all_tasks), (batch_size,), generator=generator)]
+    batch = make_batch(family, tasks, n_examples, cot, generator)
+    E = family.example_len(cot)
+    examples = batch.tokens.view(batch_size, n_examples, E)
+    d, k = family.d, family.k
+    x = examples[:, :, :d]
+    assert ((x == 0) | (x == 1)).all()
+    assert (examples[:, :, d] == family.separator_id).all()
+    assert (batch.tokens == family.separator_id).sum() == batch_size * n_examples
+    # Every example of a sample follows the sample's task: CoT = prefix XORs in the task's order.
+    chosen = x.gather(2, tasks[:, None, :].expand(-1, n_examples, -1))
+    prefix_xor = chosen.cumsum(2) % 2
+    answers = examples[:, :, d + 1:]
+    if cot:
+        assert answers.shape[2] == k and torch.equal(answers, prefix_xor)
+    else:
+        assert answers.shape[2] == 1 and torch.equal(answers[:, :, 0], chosen.sum(2) % 2)
+    # The mask covers exactly the answer tokens of every example.
+    mask = batch.answer_mask.view(n_examples, E)
+    assert not mask[:, :d + 1].any() and mask[:, d + 1:].all()
+    assert batch.answer_len == (k if cot else 1)
+
+
+# ----------------------------------------------------------------------------- model
+
+def tiny_model(example_len=0, vocab_size=5, block_size=24):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
+                         example_len=example_len)).eval()
+
+
+@PROPERTY
+@given(st.sampled_from([0, 5]), st.integers(1, 23), st.integers(0, 2**31 - 1))
+def test_causality(example_len, cut, seed):
+    model = tiny_model(example_len)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(5, (2, 24), generator=generator)
+    changed = idx.clone()
+    changed[:, cut:] = torch.randint(5, (2, 24 - cut), generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[:, :cut], model(changed)[:, :cut], atol=1e-5)
+
+
+@PROPERTY
+@given(st.sampled_from([0, 5]), st.integers(1, 20), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_generate_is_stepwise_argmax(example_len, prefix_len, new_tokens, seed):
+    model = tiny_model(example_len)
+    prefix = torch.randint(5, (3, prefix_len), generator=torch.Generator().manual_seed(seed))
+    cached = model.generate(prefix, new_tokens)
+    recomputed = model.generate(prefix, new_tokens, use_cache=False)
+    sequence = prefix
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, sequence[:, prefix_len:])
+    assert torch.equal(recomputed, sequence[:, prefix_len:])
+
+
+def test_model_rejects_too_long_sequences():
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny_model()(torch.zeros(1, 25, dtype=torch.long))
