@@ -110,17 +110,15 @@ class TrainConfig:
     context_length: int = 12  # N: examples per sample, the last one is the query
     cot: bool = True
     n_layers: int = 3
-    n_heads: int = 1
-    width: int = 192
-    position: str = "example"  # "absolute" (GPT-2) or "example" (see GPTConfig.example_len)
-    alibi: bool = False
-    lr: float = 1e-3
+    n_heads: int = 4
+    width: int = 128
+    lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    batch_size: int = 64
-    steps: int = 2000
+    batch_size: int = 32
+    steps: int = 1500
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
     eval_every: int = 250
     eval_samples: int = 2000  # samples per task group at the final evaluation
@@ -138,16 +136,12 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
-        if self.position not in ("absolute", "example"):
-            raise ValueError(f"position must be 'absolute' or 'example', got {self.position!r}")
 
 
 def build_model(family, cfg):
-    example_len = family.example_len(cfg.cot)
     config = GPTConfig(
-        vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
-        example_len=example_len if cfg.position == "example" else 0, alibi=cfg.alibi)
+        vocab_size=family.vocab_size, block_size=cfg.context_length * family.example_len(cfg.cot),
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width)
     return GPT(config)
 
 
@@ -248,14 +242,35 @@ class Checkpoint:
     resume: str = None  # where to resume from (None: start fresh)
 
 
-def train(family, split, cfg, checkpoint=Checkpoint(), log=print):
-    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics)."""
+def make_optimizer(model, cfg):
+    # fused: one kernel for all parameters on CUDA; foreach (the default elsewhere) batches them on CPU
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                             fused=next(model.parameters()).device.type == "cuda")
+
+
+def train_step(model, optimizer, tokens, positions, grad_clip):
+    """One AdamW step on the answer tokens of a batch. Returns the loss as a tensor:
+    reading it (.item()) would wait for the device, so callers do that only to log."""
+    with autocast(tokens.device):
+        logits = model(tokens[:, :-1])[:, positions]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=None):
+    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics).
+
+    stop_after: stop (and checkpoint) after this many steps, as a run killed there would have.
+    """
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(family, cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg)
     data = TrainingData(family, split.train, cfg, generator)
     positions = answer_positions(family, cfg, device)
     history, milestones = [], {}
@@ -281,18 +296,11 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print):
     loss_sum = torch.zeros((), device=device)
     t0 = time.time() - elapsed_before
     last_log, last_log_step, last_save = time.time(), start_step, time.time()
-    for step in range(start_step, cfg.steps):
+    last_step = min(cfg.steps, stop_after or cfg.steps)
+    for step in range(start_step, last_step):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        tokens = data.next_batch()
-        with autocast(device):
-            logits = model(tokens[:, :-1])[:, positions]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        loss_sum += loss.detach()  # read back only when logging: no host sync per step
+        loss_sum += train_step(model, optimizer, data.next_batch(), positions, cfg.grad_clip)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             mean_loss = loss_sum.item() / (done - last_log_step)
@@ -309,7 +317,9 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print):
                 if unseen >= float(goal) and goal not in milestones:
                     milestones[goal] = dict(step=done, wall_seconds=elapsed)
             eta = elapsed / done * (cfg.steps - done)
+            per_step = " ".join(f"{p:.2f}" for p in quick["per_step"])
             log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
+                f"(per step {per_step}) "
                 f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
             loss_sum.zero_()
             last_log, last_log_step = time.time(), done
@@ -317,10 +327,10 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print):
                 save(done, elapsed)
                 last_save = time.time()
     wall_seconds = time.time() - t0
-    save(cfg.steps, wall_seconds)
+    save(last_step, wall_seconds)
     return model, dict(
-        steps=cfg.steps, wall_seconds=wall_seconds,
-        tokens_per_second=tokens_per_step * (cfg.steps - start_step) / max(1e-9, wall_seconds - elapsed_before),
+        steps=last_step, wall_seconds=wall_seconds,
+        tokens_per_second=tokens_per_step * (last_step - start_step) / max(1e-9, wall_seconds - elapsed_before),
         history=history, time_to_accuracy=milestones, n_parameters=model.num_params())
 
 
@@ -337,3 +347,64 @@ def run_split(family, split, cfg, exclusion=Exclusion(), checkpoint=Checkpoint()
         if len(tasks):
             results[name] = evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
     return results
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def timed(fn, repeats, device):
+    """Seconds per call of fn, after one warm-up call, waiting for the device at the ends only."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """Measured FLOP/s of a square matmul: the device's practical peak, for MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, repeats, device)
+
+
+def benchmark(family, cfg, repeats=5):
+    """Training, decoding and data-generation speed of one configuration on cfg.device."""
+    device = torch.device(cfg.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    model = build_model(family, cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    tasks = torch.as_tensor(family.all_tasks(), device=device)
+    tasks = tasks[torch.randint(len(tasks), (cfg.batch_size,), generator=generator, device=device)]
+    batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
+    positions = answer_positions(family, cfg, device)
+    step_seconds = timed(lambda: train_step(model, optimizer, batch.tokens, positions, cfg.grad_clip), repeats, device)
+    n_tokens = batch.tokens.size(0) * (batch.tokens.size(1) - 1)
+    # Training FLOPs per token: 6 per weight (forward and backward) plus attention's
+    # 6 * 2 * n_layer * T * width over the causal half of a T-token context.
+    seq = batch.tokens.size(1) - 1
+    n_weights = model.num_params() - model.wpe.weight.numel()  # wte counts: it is also the output head
+    flops_per_token = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak(device, peak_dtype)
+    prefix = batch.tokens[:, :-batch.answer_len]
+    model.eval()
+    with autocast(device):
+        cached = timed(lambda: model.generate(prefix, batch.answer_len), repeats, device)
+        recomputed = timed(lambda: model.generate(prefix, batch.answer_len, use_cache=False), repeats, device)
+        same = torch.equal(model.generate(prefix, batch.answer_len), model.generate(prefix, batch.answer_len, use_cache=False))
+    data_batch = 1024
+    data_tasks = tasks.repeat(data_batch // len(tasks) + 1, 1)[:data_batch]
+    data_seconds = timed(lambda: make_batch(family, data_tasks, cfg.context_length, cfg.cot, generator), repeats, device)
+    return dict(
+        tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size, n_parameters=model.num_params(),
+        train_step_seconds=step_seconds, train_tokens_per_second=n_tokens / step_seconds,
+        achieved_flops=flops_per_token * n_tokens / step_seconds, matmul_peak_flops=peak, peak_dtype=str(peak_dtype),
+        mfu=flops_per_token * n_tokens / step_seconds / peak,
+        generate_tokens_per_second=prefix.size(0) * batch.answer_len / cached,
+        generate_speedup_vs_recompute=recomputed / cached, generate_cached_equals_recompute=same,
+        data_samples_per_second=data_batch / data_seconds,
+    )

@@ -21,16 +21,6 @@ class GPTConfig:
     n_layer: int = 3
     n_head: int = 1
     n_embd: int = 192
-    # 0: GPT-2's learned absolute positions (the paper's model).
-    # E > 0: every sequence is a run of examples E tokens long, and a position p is
-    # encoded as (offset p % E within its example) + (index p // E of the example),
-    # both learned. The offset says which input coordinate or answer step a token
-    # is, the same in every example, which is what in-context task inference keys on.
-    example_len: int = 0
-    # ALiBi (Press et al., 2022): head h adds -slope_h * distance to its attention scores, with
-    # geometric slopes, so from the start some heads look at the nearby tokens of their own
-    # example and others at the whole context.
-    alibi: bool = False
     bias: bool = True
 
 
@@ -64,7 +54,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cache=None, attn_bias=None):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -72,10 +62,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(self.layer, k, v)
         # A prefill (T == all keys) needs the causal mask; a decoding step (one new
         # query token) may see every cached key, so it needs none.
-        if attn_bias is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -97,8 +84,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, attn_bias=None):
-        x = x + self.attn(self.ln_1(x), cache, attn_bias)
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -107,11 +94,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.example_len:
-            self.wpe = nn.Embedding(config.example_len, config.n_embd)
-            self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
-        else:
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # GPT-2's learned absolute positions
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -130,20 +113,6 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def position_embedding(self, start, length, device):
-        pos = torch.arange(start, start + length, device=device)
-        if self.config.example_len:
-            E = self.config.example_len
-            return self.wpe(pos % E) + self.wpe_example(pos // E)
-        return self.wpe(pos)
-
-    def alibi_bias(self, start, length, device):
-        """(n_head, length, start + length) additive scores: causal mask plus ALiBi's distance penalty."""
-        slopes = 2.0 ** (-8.0 * torch.arange(1, self.config.n_head + 1, device=device) / self.config.n_head)
-        distance = torch.arange(start, start + length, device=device)[:, None] - torch.arange(start + length, device=device)
-        bias = -slopes[:, None, None] * distance
-        return bias.masked_fill(distance < 0, float("-inf"))
-
     def forward(self, idx, cache=None):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
@@ -152,10 +121,9 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.position_embedding(start, idx.size(1), idx.device)
-        attn_bias = self.alibi_bias(start, idx.size(1), idx.device) if self.config.alibi else None
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
         for block in self.blocks:
-            x = block(x, cache, attn_bias)
+            x = block(x, cache)
         if cache is not None:
             cache.length += idx.size(1)
         return self.lm_head(self.ln_f(x))

@@ -11,22 +11,28 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
-from arc import Checkpoint, Exclusion, TrainConfig, parse_task_count, run_split, save_json, split_tasks
-from tasks import SparseParity
+from arc import Checkpoint, Exclusion, TrainConfig, benchmark, parse_task_count, run_split, save_json, split_tasks
+from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
-# The CPU default. `python run.py` and `python run.py parity` both use exactly these.
-PARITY_DEFAULTS = dict(d=10, k=3, n_train_tasks="20")
 TRAIN_DEFAULTS = TrainConfig()
 
 
+@dataclass
+class Family:
+    add_args: Callable  # adds the family's own flags to its subcommand
+    build: Callable  # parsed flags -> the ARCFamily
+    preset: dict  # the family's CPU preset: its defaults for the common flags
+
+
 def add_parity_args(parser):
-    parser.add_argument("--d", type=int, default=PARITY_DEFAULTS["d"],
+    parser.add_argument("--d", type=int, default=10,
                         help="input length: x is uniform in {0,1}^d; D = d options per step")
-    parser.add_argument("--k", type=int, default=PARITY_DEFAULTS["k"],
+    parser.add_argument("--k", type=int, default=3,
                         help="secret coordinates per task: the answer is the parity of k bits; T = k steps")
     parser.add_argument("--unsorted", action="store_true",
                         help="tasks are ordered k-tuples (d!/(d-k)! tasks) instead of sorted ones (C(d,k)); "
@@ -37,15 +43,39 @@ def build_parity(args):
     return SparseParity(args.d, args.k, unsorted=args.unsorted)
 
 
-# name -> (adds the family's own flags, builds the family from parsed flags, default training-task count)
+def add_arithmetic_args(parser):
+    parser.add_argument("--modulus", type=int, default=10, help="p: inputs and answers are residues mod p")
+    parser.add_argument("--ops", nargs="+", default=["add", "sub", "mul"], metavar="OP",
+                        help=f"the D operations a step chooses from, of: {' '.join(ARITHMETIC_OPS)}")
+    parser.add_argument("--steps-per-task", type=int, default=6, help="T: operations applied one after another")
+
+
+def build_arithmetic(args):
+    return Arithmetic(tuple(args.ops), args.steps_per_task, args.modulus)
+
+
+def add_translation_args(parser):
+    parser.add_argument("--languages", type=int, default=6,
+                        help=f"D: a step translates into one of the first D of {', '.join(LANGUAGES)}")
+    parser.add_argument("--steps-per-task", type=int, default=6,
+                        help="T: languages per task (repeats allowed); the query shows step 1, the model writes 2..T")
+
+
+def build_translation(args):
+    return Translation(args.languages, args.steps_per_task)
+
+
+# `python run.py` is `python run.py parity`: parity's preset is the CPU default.
 FAMILIES = {
-    "parity": (add_parity_args, build_parity, PARITY_DEFAULTS["n_train_tasks"]),
+    "parity": Family(add_parity_args, build_parity, dict(n_train_tasks="20")),
+    "arithmetic": Family(add_arithmetic_args, build_arithmetic, dict(n_train_tasks="60")),
+    "translation": Family(add_translation_args, build_translation, dict(n_train_tasks="40")),
 }
 
 
-def add_common_args(parser, n_train_tasks_default):
+def add_common_args(parser):
     d = TRAIN_DEFAULTS
-    parser.add_argument("--n-train-tasks", default=n_train_tasks_default,
+    parser.add_argument("--n-train-tasks", default="3dlogd",
                         help="training tasks, drawn after the unseen test tasks: an integer or a multiple of "
                              "D ln D such as 3dlogd (the paper's claim: about D ln D suffice with CoT)")
     parser.add_argument("--n-test-tasks", type=int, default=200,
@@ -61,9 +91,6 @@ def add_common_args(parser, n_train_tasks_default):
     parser.add_argument("--n-layers", type=int, default=d.n_layers, help="transformer blocks (paper: 3)")
     parser.add_argument("--n-heads", type=int, default=d.n_heads, help="attention heads per block (paper: 1)")
     parser.add_argument("--width", type=int, default=d.width, help="embedding width (paper: 192)")
-    parser.add_argument("--position", choices=["absolute", "example"], default=d.position,
-                        help="position encoding: GPT-2's learned absolute positions (paper), or learned "
-                             "(offset within example, example index)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (paper: 8e-5)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
@@ -120,8 +147,7 @@ def print_table(results, log):
 
 def run_family(args, log=print):
     """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
-    _, build_family, _ = FAMILIES[args.family]
-    family = build_family(args)
+    family = FAMILIES[args.family].build(args)
     cfg = train_config(args)
     exclusion = Exclusion(tuple(args.missing_coordinate) if args.missing_coordinate else None,
                           tuple(args.missing_pair) if args.missing_pair else None)
@@ -146,14 +172,45 @@ def run_family(args, log=print):
     return results
 
 
+def run_bench(args, log=print):
+    """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
+    device = resolve_device(args.device)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
+    parity = build_parser().parse_args(["parity"])
+    shapes = {
+        "paper": (SparseParity(15, 3), TrainConfig(context_length=40, n_layers=3, n_heads=1, width=192, batch_size=64,
+                                                    device=device)),
+        "cpu_default": (build_parity(parity), train_config(parity)),
+    }
+    results = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for name, (family, cfg) in shapes.items():
+        cfg.device = device
+        r = results[name] = benchmark(family, cfg)
+        log(f"{name}: {r['tokens_per_sample']} tokens x batch {r['batch_size']}, {r['n_parameters'] / 1e6:.2f}M parameters\n"
+            f"  training   {r['train_step_seconds'] * 1e3:8.1f} ms/step  {r['train_tokens_per_second']:12,.0f} tokens/s  "
+            f"{r['achieved_flops'] / 1e9:7.1f} GFLOP/s = MFU {r['mfu']:.1%} of a measured {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul\n"
+            f"  generate   {r['generate_tokens_per_second']:12,.0f} answer tokens/s, {r['generate_speedup_vs_recompute']:.1f}x "
+            f"recomputation (identical: {r['generate_cached_equals_recompute']})\n"
+            f"  data       {r['data_samples_per_second']:12,.0f} samples/s")
+    results.update({f"{key}": value for key, value in results["paper"].items()})  # paper shapes at top level
+    if args.out:
+        save_json(args.out, results)
+        log(f"written to {args.out}")
+    return results
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="family", metavar="experiment")
-    for name, (add_family_args, _, n_train_default) in FAMILIES.items():
+    for name, family in FAMILIES.items():
         sub = commands.add_parser(name, help=f"train and evaluate on the {name} family",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_family_args(sub)
-        add_common_args(sub, n_train_default)
+        family.add_args(sub)
+        add_common_args(sub)
+        sub.set_defaults(**family.preset)
+    bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
+    bench.add_argument("--out", help="also write the numbers to this JSON file")
     return parser
 
 
@@ -164,7 +221,10 @@ def main(argv=None):
         argv = ["parity"] + argv  # `python run.py` is `python run.py parity`
     args = parser.parse_args(argv)
     try:
-        run_family(args)
+        if args.family == "bench":
+            run_bench(args)
+        else:
+            run_family(args)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"error: {error}\n")
 

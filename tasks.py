@@ -99,7 +99,7 @@ class SparseParity(ARCFamily):
     unsorted, the chain of thought then following the tuple's order.
     """
 
-    def __init__(self, d, k, unsorted=False, joint_inputs=False):
+    def __init__(self, d, k, unsorted=False):
         if d < 1:
             raise ValueError(f"d must be at least 1, got {d}")
         if not 1 <= k <= d:
@@ -108,8 +108,7 @@ class SparseParity(ARCFamily):
         self.d, self.k, self.unsorted = d, k, unsorted
         self.n_options, self.n_steps = d, k
         self.input_len, self.n_answer_steps, self.tokens_per_step = d, k, 1
-        self.joint_inputs = joint_inputs
-        super().__init__(["0", "1"] + ([f"x{i}={b}" for i in range(d) for b in (0, 1)] if joint_inputs else []))
+        super().__init__(["0", "1"])  # token id == bit value
 
     def all_tasks(self):
         tuples = itertools.permutations if self.unsorted else itertools.combinations
@@ -120,6 +119,102 @@ class SparseParity(ARCFamily):
         x = torch.randint(0, 2, (B, n_examples, self.d), generator=generator, device=tasks.device)
         chosen = x.gather(2, tasks[:, None, :].expand(B, n_examples, self.k))
         prefix_parities = chosen.cumsum(dim=2) % 2
-        if self.joint_inputs:
-            return 2 + 2 * torch.arange(self.d, device=x.device) + x, prefix_parities.unsqueeze(3)
         return x, prefix_parities.unsqueeze(3)
+
+
+ARITHMETIC_OPS = {
+    "add": lambda a, b, p: (a + b) % p,
+    "sub": lambda a, b, p: (a - b) % p,
+    "mul": lambda a, b, p: (a * b) % p,
+    "max": lambda a, b, p: torch.maximum(a, b),
+    "min": lambda a, b, p: torch.minimum(a, b),
+    "absdiff": lambda a, b, p: (a - b).abs(),
+}
+
+
+class Arithmetic(ARCFamily):
+    """x = (x_0..x_T) uniform in Z_p^(T+1); theta_t is one of D binary operations;
+    y_0 = x_0 and y_t = op_theta_t(y_{t-1}, x_t) mod p. Tokens are the residues 0..p-1."""
+
+    def __init__(self, ops=("add", "sub", "mul"), n_steps=6, modulus=10):
+        unknown = [op for op in ops if op not in ARITHMETIC_OPS]
+        if unknown or not ops:
+            raise ValueError(f"unknown operation(s) {unknown or ops}: choose from {' '.join(ARITHMETIC_OPS)}")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"operations repeat: {' '.join(ops)}")
+        if n_steps < 1:
+            raise ValueError(f"steps-per-task must be at least 1, got {n_steps}")
+        if modulus < 2:
+            raise ValueError(f"modulus must be at least 2, got {modulus}")
+        self.name = "arithmetic"
+        self.ops, self.modulus = list(ops), modulus
+        self.n_options, self.n_steps = len(ops), n_steps
+        self.input_len, self.n_answer_steps, self.tokens_per_step = n_steps + 1, n_steps, 1
+        super().__init__([str(r) for r in range(modulus)])  # token id == residue
+
+    def all_tasks(self):
+        return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
+
+    def sample(self, tasks, n_examples, generator):
+        B, p = tasks.size(0), self.modulus
+        x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator, device=tasks.device)
+        y, steps = x[:, :, 0], []
+        for t in range(self.n_steps):  # steps are sequential by definition; each is one batched op
+            every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
+            y = every_op.gather(0, tasks[None, :, None, t].expand(1, B, n_examples)).squeeze(0)
+            steps.append(y)
+        return x, torch.stack(steps, dim=2).unsqueeze(3)
+
+
+# The ten languages and twenty meanings of the authors' multi-step translation task, each
+# meaning with its real word in every language. Some surface words coincide across
+# languages (Spanish and Portuguese "gato", Chinese and Japanese "猫"): one token each.
+LANGUAGES = ["English", "French", "Spanish", "Chinese", "German", "Italian", "Japanese", "Russian", "Portuguese", "Arabic"]
+MEANINGS = ["cat", "dog", "house", "apple", "sky", "car", "road", "tree", "bed", "water",
+            "sun", "moon", "star", "book", "phone", "computer", "flower", "chair", "table", "mountain"]
+WORDS = {
+    "English": "cat dog house apple sky car road tree bed water sun moon star book phone computer flower chair table mountain",
+    "French": "chat chien maison pomme ciel voiture route arbre lit eau soleil lune étoile livre téléphone ordinateur fleur chaise table montagne",
+    "Spanish": "gato perro casa manzana cielo coche carretera árbol cama agua sol luna estrella libro teléfono ordenador flor silla mesa montaña",
+    "Chinese": "猫 狗 房子 苹果 天空 汽车 路 树 床 水 太阳 月亮 星星 书 电话 电脑 花 椅子 桌子 山",
+    "German": "Katze Hund Haus Apfel Himmel Auto Straße Baum Bett Wasser Sonne Mond Stern Buch Telefon Computer Blume Stuhl Tisch Berg",
+    "Italian": "gatto cane casa mela cielo macchina strada albero letto acqua sole luna stella libro telefono computer fiore sedia tavolo montagna",
+    "Japanese": "猫 犬 家 りんご 空 車 道 木 ベッド 水 太陽 月 星 本 電話 コンピュータ 花 椅子 テーブル 山",
+    "Russian": "кошка собака дом яблоко небо машина дорога дерево кровать вода солнце луна звезда книга телефон компьютер цветок стул стол гора",
+    "Portuguese": "gato cão casa maçã céu carro estrada árvore cama água sol lua estrela livro telefone computador flor cadeira mesa montanha",
+    "Arabic": "قطة كلب بيت تفاحة سماء سيارة طريق شجرة سرير ماء شمس قمر نجمة كتاب هاتف حاسوب زهرة كرسي طاولة جبل",
+}
+
+
+class Translation(ARCFamily):
+    """theta = T languages (repeats allowed) from the first D; an example is one random
+    meaning written as (language tag, word) in each of them. The input is step 1; the
+    answer is steps 2..T: y_t = (tag of theta_t, the meaning's word in theta_t)."""
+
+    def __init__(self, n_languages=6, n_steps=6):
+        if not 1 <= n_languages <= len(LANGUAGES):
+            raise ValueError(f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}")
+        if n_steps < 2:
+            raise ValueError(f"steps-per-task must be at least 2 (the query shows step 1), got {n_steps}")
+        self.name = "translation"
+        self.languages = LANGUAGES[:n_languages]
+        self.n_options, self.n_steps = n_languages, n_steps
+        self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
+        tags = [f"<{language}>" for language in self.languages]
+        words = list(dict.fromkeys(w for language in self.languages for w in WORDS[language].split()))
+        super().__init__(tags + words)
+        ids = {token: i for i, token in enumerate(self.tokens)}
+        # (D, n_meanings) token id of each meaning's word in each language; (D,) tag ids
+        self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()] for language in self.languages])
+        self.tag_ids = torch.arange(n_languages)
+
+    def all_tasks(self):
+        return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
+
+    def sample(self, tasks, n_examples, generator):
+        B, device = tasks.size(0), tasks.device
+        meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator, device=device)
+        language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
+        words = self.word_ids.to(device)[language, meaning]
+        steps = torch.stack([self.tag_ids.to(device)[language], words], dim=3)  # (B, N, T, 2)
+        return steps[:, :, 0], steps[:, :, 1:]
