@@ -112,6 +112,7 @@ class TrainConfig:
     n_layers: int = 3
     n_heads: int = 4
     width: int = 128
+    position: str = "absolute"  # "absolute" (GPT-2) or "example" (see GPTConfig.example_len)
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -134,14 +135,18 @@ class TrainConfig:
             raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.position not in ("absolute", "example"):
+            raise ValueError(f"position must be 'absolute' or 'example', got {self.position!r}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
 
 
 def build_model(family, cfg):
+    example_len = family.example_len(cfg.cot)
     config = GPTConfig(
-        vocab_size=family.vocab_size, block_size=cfg.context_length * family.example_len(cfg.cot),
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width)
+        vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
+        example_len=example_len if cfg.position == "example" else 0)
     return GPT(config)
 
 
@@ -386,7 +391,7 @@ def benchmark(family, cfg, repeats=5):
     # Training FLOPs per token: 6 per weight (forward and backward) plus attention's
     # 6 * 2 * n_layer * T * width over the causal half of a T-token context.
     seq = batch.tokens.size(1) - 1
-    n_weights = model.num_params() - model.wpe.weight.numel()  # wte counts: it is also the output head
+    n_weights = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("wpe"))  # wte is also the head
     flops_per_token = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device, peak_dtype)

@@ -21,6 +21,12 @@ class GPTConfig:
     n_layer: int = 3
     n_head: int = 1
     n_embd: int = 192
+    # 0: GPT-2's learned absolute positions (the paper's model).
+    # E > 0: every sequence is a run of examples E tokens long, and a position p is
+    # encoded as (offset p % E within its example) + (index p // E of the example),
+    # both learned. The offset says which input coordinate or answer step a token
+    # is, the same in every example, which is what in-context task inference keys on.
+    example_len: int = 0
     bias: bool = True
 
 
@@ -94,7 +100,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # GPT-2's learned absolute positions
+        if config.example_len:
+            self.wpe = nn.Embedding(config.example_len, config.n_embd)
+            self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
+        else:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -113,6 +123,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def position_embedding(self, start, length, device):
+        pos = torch.arange(start, start + length, device=device)
+        if self.config.example_len:
+            E = self.config.example_len
+            return self.wpe(pos % E) + self.wpe_example(pos // E)
+        return self.wpe(pos)
+
     def forward(self, idx, cache=None):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
@@ -121,7 +138,7 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+        x = self.wte(idx) + self.position_embedding(start, idx.size(1), idx.device)
         for block in self.blocks:
             x = block(x, cache)
         if cache is not None:
