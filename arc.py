@@ -113,6 +113,7 @@ class TrainConfig:
     n_heads: int = 4
     width: int = 128
     position: str = "absolute"  # "absolute" (GPT-2) or "example" (see GPTConfig.example_len)
+    compile: bool = False  # torch.compile the training forward/backward
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -278,6 +279,8 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     optimizer = make_optimizer(model, cfg)
     data = TrainingData(family, split.train, cfg, generator)
     positions = answer_positions(family, cfg, device)
+    # Evaluation and decoding keep the plain module: their shapes vary, which would recompile.
+    step_model = torch.compile(model) if cfg.compile else model
     history, milestones = [], {}
     start_step, elapsed_before = 0, 0.0
     if checkpoint.resume:
@@ -305,7 +308,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     for step in range(start_step, last_step):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        loss_sum += train_step(model, optimizer, data.next_batch(), positions, cfg.grad_clip)
+        loss_sum += train_step(step_model, optimizer, data.next_batch(), positions, cfg.grad_clip)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             mean_loss = loss_sum.item() / (done - last_log_step)
@@ -376,6 +379,35 @@ def matmul_peak(device, dtype, n=2048, repeats=5):
     return 2 * n**3 / timed(lambda: a @ b, repeats, device)
 
 
+def hf_gpt2_speedup(model, optimizer_cfg, tokens, positions, rounds=3):
+    """Our training step against Hugging Face's GPT2LMHeadModel (eager attention, fp32: the authors'
+    stack) of the same shapes and optimizer, timed alternately in this process. None without transformers."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                                    n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=None, eos_token_id=None, attn_implementation="eager")).to(tokens.device)
+    ours_optimizer, hf_optimizer = make_optimizer(model, optimizer_cfg), make_optimizer(hf, optimizer_cfg)
+    targets = tokens[:, positions + 1]
+
+    def hf_step():
+        logits = hf(tokens[:, :-1]).logits[:, positions]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        hf_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), optimizer_cfg.grad_clip)
+        hf_optimizer.step()
+
+    ours, theirs = [], []
+    for _ in range(rounds):  # alternate, so that both see the same machine state
+        ours.append(timed(lambda: train_step(model, ours_optimizer, tokens, positions, optimizer_cfg.grad_clip), 1, tokens.device))
+        theirs.append(timed(hf_step, 1, tokens.device))
+    return dict(hf_train_step_seconds=min(theirs), ours_train_step_seconds=min(ours), speedup_vs_hf=min(theirs) / min(ours))
+
+
 def benchmark(family, cfg, repeats=5):
     """Training, decoding and data-generation speed of one configuration on cfg.device."""
     device = torch.device(cfg.device)
@@ -404,7 +436,9 @@ def benchmark(family, cfg, repeats=5):
     data_batch = 1024
     data_tasks = tasks.repeat(data_batch // len(tasks) + 1, 1)[:data_batch]
     data_seconds = timed(lambda: make_batch(family, data_tasks, cfg.context_length, cfg.cot, generator), repeats, device)
+    model.train()
     return dict(
+        hf_gpt2=hf_gpt2_speedup(model, cfg, batch.tokens, positions),
         tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size, n_parameters=model.num_params(),
         train_step_seconds=step_seconds, train_tokens_per_second=n_tokens / step_seconds,
         achieved_flops=flops_per_token * n_tokens / step_seconds, matmul_peak_flops=peak, peak_dtype=str(peak_dtype),

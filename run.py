@@ -8,12 +8,14 @@ Every run prints progress, ends with a table, and writes a JSON file of results.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
 
+import numpy as np
 import torch
 
 from arc import Checkpoint, Exclusion, TrainConfig, benchmark, parse_task_count, run_split, save_json, split_tasks
@@ -107,6 +109,7 @@ def add_common_args(parser):
     parser.add_argument("--n-train-total", type=int, default=None,
                         help="train on a fixed dataset of this many samples split evenly across the training "
                              "tasks (the paper's setup) instead of fresh samples every step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between progress evaluations")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
                         help="fresh samples per task group in the final evaluation")
@@ -201,11 +204,120 @@ def run_bench(args):
             f"  generate   {r['generate_tokens_per_second']:12,.0f} answer tokens/s, {r['generate_speedup_vs_recompute']:.1f}x "
             f"recomputation (identical: {r['generate_cached_equals_recompute']})\n"
             f"  data       {r['data_samples_per_second']:12,.0f} samples/s")
+        hf = r["hf_gpt2"]
+        log(f"  vs HF GPT2LMHeadModel (eager, fp32), alternating: {hf['hf_train_step_seconds']:.2f} s vs "
+            f"{hf['ours_train_step_seconds']:.2f} s per step = {hf['speedup_vs_hf']:.2f}x" if hf else
+            "  HF GPT2LMHeadModel comparison skipped: transformers is not installed")
     results.update({f"{key}": value for key, value in results["paper"].items()})  # paper shapes at top level
     if args.out:
         save_json(args.out, results)
         log(f"written to {args.out}")
     return results
+
+
+# ----------------------------------------------------------------------------- experiments
+# An experiment is data: for each preset, a list of runs, each a family and the flags that
+# differ from that family's CPU preset. One driver (run_experiment) executes them all.
+
+PAPER_PARITY = ["--n-layers", "3", "--n-heads", "1", "--width", "192", "--lr", "8e-5", "--batch-size", "64",
+                "--context-length", "40", "--warmup-steps", "0", "--steps", "20000", "--n-train-total", "25000"]
+PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60)]
+EXPERIMENTS = {
+    "icl-vs-cot": {  # E1: Parity(10,2), 45 tasks
+        "cpu": [("parity", ["--d", "10", "--k", "2", "--n-train-tasks", "20", *cot]) for cot in ([], ["--no-cot"])],
+        "paper": [("parity", ["--d", "10", "--k", "2", "--n-train-tasks", "20", *PAPER_PARITY, *cot])
+                  for cot in ([], ["--no-cot"])],
+    },
+    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks
+        "cpu": [("parity", ["--d", str(d), "--k", "2", "--n-train-tasks", str(n)]) for d in (8, 10) for n in (2, 5, 10, 20)],
+        "paper": [("parity", ["--d", str(d), "--k", "3", "--n-train-tasks", n, *PAPER_PARITY])
+                  for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
+    },
+    "scaling": {  # E2: the authors' d/k table at ~3 d ln d training tasks
+        "cpu": [("parity", ["--d", str(d), "--k", "3", "--n-train-tasks", "3dlogd"]) for d in (10, 12)],
+        "paper": [("parity", ["--d", str(d), "--k", str(k), "--n-train-tasks", str(n), *PAPER_PARITY])
+                  for d, k, n, _ in PAPER_SCALING],
+    },
+    "task-selection": {  # E4: paper Section 5.1 exclusions at d=10, k=3
+        preset: [("parity", ["--d", "10", "--k", "3", "--n-train-tasks", "30", "--n-test-tasks", "60", *exclusion, *extra])
+                 for exclusion in (["--missing-coordinate", "2", "5"], ["--missing-pair", "4", "6"])]
+        for preset, extra in (("cpu", []), ("paper", PAPER_PARITY))
+    },
+    "context-length": {  # E5: N in {10, 20, 30, 40} at d=15, k=3 and 4
+        "cpu": [("parity", ["--d", "10", "--k", "3", "--context-length", str(n)]) for n in (6, 12)],
+        "paper": [("parity", ["--d", "15", "--k", str(k), "--n-train-tasks", "3dlogd", *PAPER_PARITY, "--context-length", str(n)])
+                  for k in (3, 4) for n in (10, 20, 30, 40)],
+    },
+}
+
+
+def coverage(train_tasks, n_options):
+    """The (step, option) pairs that no training task covers: what the coupon-collector argument is about."""
+    seen = {(t, option) for task in train_tasks for t, option in enumerate(task)}
+    return [(t + 1, option) for t in range(len(train_tasks[0])) for option in range(n_options) if (t, option) not in seen]
+
+
+def coverage_probability(family, n_train, n_test, trials=200):
+    """P(n_train training tasks drawn by split_tasks cover every possible (step, option) pair), by simulation."""
+    tasks = family.all_tasks()
+    possible = {(t, o) for task in tasks.tolist() for t, o in enumerate(task)}
+    covered = 0
+    for seed in range(trials):
+        train = split_tasks(tasks, n_train, seed, max_test=n_test).train.tolist()
+        covered += {(t, o) for task in train for t, o in enumerate(task)} == possible
+    return covered / trials
+
+
+def run_experiment(args):
+    """Run every configuration of an experiment's preset (skipping finished ones, resuming
+    half-finished ones from their checkpoints), then write DIR/summary.json and DIR/summary.md."""
+    out_dir = args.out or os.path.join("results", args.family, args.preset)
+    os.makedirs(out_dir, exist_ok=True)
+    if args.seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {args.seeds}")
+    parser = build_parser()
+    runs, groups = [], {}
+    for family_name, flags in EXPERIMENTS[args.family][args.preset]:
+        group = groups[(family_name, *flags)] = []
+        for seed in range(args.seeds):
+            name = "_".join([family_name, *(f.lstrip("-") for f in flags), f"seed{seed}"])
+            path = os.path.join(out_dir, name)
+            argv = [family_name, *flags, "--seed", str(seed), "--device", args.device, "--out", path + ".json",
+                    "--save", path + ".pt"]
+            if os.path.exists(path + ".json"):
+                log(f"== {name}: done before, skipped")
+                with open(path + ".json") as f:
+                    group.append(json.load(f))
+            else:
+                if os.path.exists(path + ".pt"):
+                    argv += ["--resume", path + ".pt"]
+                log(f"== {name}")
+                group.append(run_family(parser.parse_args(argv)))
+            runs.append(group[-1])
+    save_json(os.path.join(out_dir, "summary.json"), runs)
+    lines = [f"# {args.family}, preset {args.preset}", "",
+             "| run | seeds | tasks train/all | unseen exact match (generated) | train tasks | extra |", "|---|---|---|---|---|---|"]
+    for key, group in groups.items():
+        unseen = np.array([r["unseen_tasks"]["exact_match_generated"] for r in group])
+        train = np.array([r["train_tasks"]["exact_match_generated"] for r in group])
+        first = group[0]
+        extra = []
+        family = FAMILIES[first["family"]].build(parser.parse_args(list(key)))
+        if args.family == "n-tasks":
+            p = coverage_probability(family, first["n_train_tasks"], first["n_test_tasks"])
+            extra.append(f"P(all step options covered) = {p:.2f}; D ln D = {family.n_options * np.log(family.n_options):.0f}")
+        if "unseen_out_of_distribution" in first:
+            extra.append(f"ID {first['unseen_in_distribution']['exact_match_generated']:.3f}, "
+                         f"OOD {first['unseen_out_of_distribution']['exact_match_generated']:.3f}; uncovered (step, option): "
+                         f"{coverage(first['train_task_list'], family.n_options)}")
+        if args.family == "scaling":
+            extra += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
+        lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
+                     f"{unseen.mean():.3f} ± {unseen.std():.3f} | {train.mean():.3f} ± {train.std():.3f} | {'; '.join(extra)} |")
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n\nPlots: not made (this version writes tables only).\n")
+    log("\n".join(lines))
+    return runs
 
 
 def build_parser():
@@ -217,6 +329,13 @@ def build_parser():
         family.add_args(sub)
         add_common_args(sub)
         sub.set_defaults(**family.preset)
+    for name in EXPERIMENTS:
+        sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary")
+        sub.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
+                         help="cpu: small sizes for a 2-core CPU; paper: the authors' sizes and hyperparameters (GPU)")
+        sub.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
+        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
+        sub.add_argument("--out", help="directory for one JSON per run, checkpoints and the summary")
     bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
     bench.add_argument("--out", help="also write the numbers to this JSON file")
@@ -232,6 +351,8 @@ def main(argv=None):
     try:
         if args.family == "bench":
             run_bench(args)
+        elif args.family in EXPERIMENTS:
+            run_experiment(args)
         else:
             run_family(args)
     except (ValueError, FloatingPointError) as error:

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import Checkpoint, Exclusion, TrainConfig, evaluate, parse_task_count, run_split, split_tasks, train
+from arc import Checkpoint, Exclusion, TrainConfig, benchmark, parse_task_count, run_split, split_tasks, train
 from gpt import GPT, GPTConfig
 from tasks import ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, Arithmetic, SparseParity, Translation, make_batch
 
@@ -359,3 +359,37 @@ def test_parity_learns_to_infer_the_task_from_context():
                        eval_samples=400, lr=1e-3, warmup_steps=100, position="example")
     results = run_split(family, split, cfg, log=lambda _: None)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
+
+
+def test_benchmark_reports_consistent_speeds():
+    result = benchmark(SparseParity(4, 2), small_config(batch_size=4), repeats=1)
+    assert result["generate_cached_equals_recompute"]
+    for key in ("train_tokens_per_second", "mfu", "data_samples_per_second", "generate_tokens_per_second",
+                "generate_speedup_vs_recompute"):
+        assert result[key] > 0
+    assert result["train_tokens_per_second"] == pytest.approx(4 * (4 * 7 - 1) / result["train_step_seconds"])
+
+
+def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
+    import run
+    tiny = ["--d", "5", "--k", "2", "--steps", "6", "--eval-every", "3", "--width", "16", "--n-heads", "2",
+            "--n-layers", "1", "--context-length", "4", "--eval-samples", "16", "--warmup-steps", "2"]
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", [*tiny, "--n-train-tasks", str(n)]) for n in (3, 5)]})
+    out = str(tmp_path / "sweep")
+    first = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
+    names = sorted(p.name for p in (tmp_path / "sweep").glob("*.json") if p.name != "summary.json")
+    assert len(names) == 2 and len(json.loads((tmp_path / "sweep" / "summary.json").read_text())) == 2
+    # The second run is interrupted half way: its checkpoint says step 3 and it has no results yet.
+    finished, unfinished = (tmp_path / "sweep" / n for n in names)
+    unfinished.unlink()
+    family = SparseParity(5, 2)
+    split = split_tasks(family.all_tasks(), 5 if "_5_" in unfinished.name else 3, seed=0)
+    cfg = small_config(steps=6, eval_every=3, eval_samples=16, batch_size=32, n_heads=2, n_layers=1, width=16)
+    train(family, split, cfg, Checkpoint(path=str(unfinished.with_suffix(".pt"))), log=lambda _: None, stop_after=3)
+    finished_before = finished.stat().st_mtime_ns
+    again = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
+    assert finished.stat().st_mtime_ns == finished_before  # not redone
+    assert unfinished.exists()
+    for a, b in zip(first, again):
+        assert a["unseen_tasks"] == b["unseen_tasks"] and a["train_tasks"] == b["train_tasks"]
+    assert "P(all step options covered)" in (tmp_path / "sweep" / "summary.md").read_text()
