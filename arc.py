@@ -285,6 +285,9 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     start_step, elapsed_before = 0, 0.0
     if checkpoint.resume:
         state = torch.load(checkpoint.resume, map_location=device, weights_only=False)
+        differing = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k != "device" and getattr(cfg, k) != v}
+        if differing:
+            raise ValueError(f"checkpoint {checkpoint.resume} was written with other settings (saved, now): {differing}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"].to(generator.get_state().device))

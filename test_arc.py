@@ -283,6 +283,8 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     resumed = run_split(family, split, small_config(), checkpoint=Checkpoint(resume=str(half)), log=lambda _: None)
     for group in ("train_tasks", "unseen_tasks"):
         assert resumed[group] == uninterrupted[group]
+    with pytest.raises(ValueError, match="other settings"):
+        train(family, split, small_config(lr=1e-2), Checkpoint(resume=str(half)), log=lambda _: None)
 
 
 def run_cli(*args, cwd=None):
