@@ -74,9 +74,11 @@ def build_translation(args):
 # `python run.py` is `python run.py parity`: parity's preset is the CPU default.
 FAMILIES = {
     "parity": Family(add_parity_args, build_parity, dict(n_train_tasks="20")),
-    "arithmetic": Family(add_arithmetic_args, build_arithmetic, dict(n_train_tasks="72", context_length=6)),
+    "arithmetic": Family(add_arithmetic_args, build_arithmetic,
+                         dict(n_train_tasks="72", context_length=6, position="absolute", lr=2e-3, batch_size=32, steps=1500)),
     "translation": Family(add_translation_args, build_translation,
-                          dict(n_train_tasks="40", context_length=4, n_layers=2, lr=3e-3, steps=800)),
+                          dict(n_train_tasks="40", context_length=4, n_layers=2, position="absolute", lr=3e-3,
+                               batch_size=32, steps=800)),
 }
 
 

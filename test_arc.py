@@ -345,7 +345,7 @@ def test_translation_generalizes_to_unseen_tasks():
     family = Translation(n_languages=3, n_steps=3)
     split = split_tasks(family.all_tasks(), 9, seed=0)
     cfg = small_config(context_length=4, n_layers=2, n_heads=4, width=64, batch_size=32, steps=300, eval_every=100,
-                       eval_samples=300, lr=3e-3, warmup_steps=30)
+                       eval_samples=300, lr=3e-3, warmup_steps=30, position="absolute")
     results = run_split(family, split, cfg, log=lambda _: None)
     # Chance for one answer is 1/(3 tags x 20 words) per step; copying the input gets 1/9.
     assert results["train_tasks"]["exact_match_generated"] > 0.9
@@ -386,7 +386,7 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     unfinished.unlink()
     family = SparseParity(5, 2)
     split = split_tasks(family.all_tasks(), 5 if "_5_" in unfinished.name else 3, seed=0)
-    cfg = small_config(steps=6, eval_every=3, eval_samples=16, batch_size=32, n_heads=2, n_layers=1, width=16)
+    cfg = small_config(steps=6, eval_every=3, eval_samples=16, n_heads=2, n_layers=1, width=16)
     train(family, split, cfg, Checkpoint(path=str(unfinished.with_suffix(".pt"))), log=lambda _: None, stop_after=3)
     finished_before = finished.stat().st_mtime_ns
     again = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
