@@ -105,6 +105,9 @@ def split_tasks(all_tasks, n_train, seed, exclusion=Exclusion(), max_test=200):
 
 # ----------------------------------------------------------------------------- training
 
+POSITIONS = ("absolute", "example", "packed")  # how the model sees where a token sits (see GPTConfig)
+
+
 @dataclass
 class TrainConfig:
     context_length: int = 12  # N: examples per sample, the last one is the query
@@ -112,7 +115,7 @@ class TrainConfig:
     n_layers: int = 3
     n_heads: int = 4
     width: int = 128
-    position: str = "example"  # "absolute" (GPT-2) or "example" (see GPTConfig.example_len)
+    position: str = "example"  # "absolute" (GPT-2), "example" (GPTConfig.example_len) or "packed" (+ input_len)
     compile: bool = False  # torch.compile the training forward/backward
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -136,8 +139,8 @@ class TrainConfig:
             raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.position not in ("absolute", "example"):
-            raise ValueError(f"position must be 'absolute' or 'example', got {self.position!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
 
@@ -147,7 +150,8 @@ def build_model(family, cfg):
     config = GPTConfig(
         vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
-        example_len=example_len if cfg.position == "example" else 0)
+        example_len=example_len if cfg.position != "absolute" else 0,
+        input_len=family.input_len if cfg.position == "packed" else 0)
     return GPT(config)
 
 

@@ -27,6 +27,13 @@ class GPTConfig:
     # both learned. The offset says which input coordinate or answer step a token
     # is, the same in every example, which is what in-context task inference keys on.
     example_len: int = 0
+    # P > 0 (needs example_len): the first P tokens of every example, its input x, enter the
+    # model as ONE position, the sum of a learned embedding per (offset, token): x as a single
+    # vector, as models of in-context function learning take it (Garg et al., 2022). Every
+    # coordinate then sits in its own direction from the first layer on, and a sequence is
+    # ~3x shorter. Inputs are not predicted: their logits are zero, but for the input's last
+    # position, which predicts the separator after it.
+    input_len: int = 0
     bias: bool = True
 
 
@@ -36,7 +43,8 @@ class KVCache:
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len = n_layer, max_len
         self.keys = self.values = None  # allocated at the first call, in k's dtype (autocast may change it)
-        self.length = 0  # tokens already stored; advanced by GPT.forward
+        self.length = 0  # positions already stored (a packed input is one); advanced by GPT.forward
+        self.tokens = 0  # tokens already seen; advanced by GPT.forward
 
     def extend(self, layer, k, v):
         """Store this layer's new keys/values, return all of them so far."""
@@ -100,6 +108,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.input_len:
+            assert 0 < config.input_len < config.example_len, "a packed input needs example_len > input_len"
+            self.wte_input = nn.Embedding(config.input_len * config.vocab_size, config.n_embd)
         if config.example_len:
             self.wpe = nn.Embedding(config.example_len, config.n_embd)
             self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
@@ -123,27 +134,52 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def position_embedding(self, start, length, device):
-        pos = torch.arange(start, start + length, device=device)
-        if self.config.example_len:
-            E = self.config.example_len
-            return self.wpe(pos % E) + self.wpe_example(pos // E)
-        return self.wpe(pos)
+    def embed(self, idx, start):
+        """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`,
+        and for each token the position it lands on (None: one position per token)."""
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
+        if not self.config.example_len:
+            return self.wte(idx) + self.wpe(pos), None
+        E, P = self.config.example_len, self.config.input_len
+        offset, example = pos % E, pos // E
+        x = self.wte(idx) + self.wpe(offset)
+        if not P:
+            return x + self.wpe_example(example), None
+        # Packed inputs: an example's P input tokens share one position, the one of its last.
+        is_input = offset < P
+        x_input = self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx)
+        x = torch.where(is_input.unsqueeze(-1), x_input, x)
+        slot = example * (E - P + 1) + (offset - P + 1).clamp(min=0)
+        slot = slot - slot[0]
+        packed = x.new_zeros(idx.size(0), int(slot[-1]) + 1, x.size(-1)).index_add_(1, slot, x)
+        slot_example = torch.zeros(packed.size(1), dtype=torch.long, device=idx.device).index_copy_(0, slot, example)
+        return packed + self.wpe_example(slot_example), slot
 
     def forward(self, idx, cache=None):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         With a cache, idx continues the tokens the cache already holds.
         """
-        start = cache.length if cache is not None else 0
+        start = cache.tokens if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.position_embedding(start, idx.size(1), idx.device)
+        if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
+            raise ValueError("with packed inputs, a cached call may not start inside an input")
+        x, slot = self.embed(idx, start)
         for block in self.blocks:
             x = block(x, cache)
         if cache is not None:
-            cache.length += idx.size(1)
-        return self.lm_head(self.ln_f(x))
+            cache.length += x.size(1)
+            cache.tokens += idx.size(1)
+        if slot is None:
+            return self.lm_head(self.ln_f(x))
+        # Back to one row per token: a packed input's logits go to its last token, the other
+        # input tokens get zeros (the model does not predict inputs).
+        offset = torch.arange(start, start + idx.size(1), device=idx.device) % self.config.example_len
+        last_of_slot = offset >= self.config.input_len - 1
+        logits = x.new_zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+        logits[:, last_of_slot] = self.lm_head(self.ln_f(x[:, slot[last_of_slot]]))
+        return logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, use_cache=True):

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from arc import Checkpoint, Exclusion, TrainConfig, benchmark, parse_task_count, run_split, save_json, split_tasks
+from arc import POSITIONS, Checkpoint, Exclusion, TrainConfig, atomic_write, benchmark, parse_task_count, run_split, save_json, split_tasks
 from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -100,10 +100,11 @@ def add_common_args(parser):
     parser.add_argument("--n-layers", type=int, default=d.n_layers, help="transformer blocks (paper: 3)")
     parser.add_argument("--n-heads", type=int, default=d.n_heads, help="attention heads per block (paper: 1)")
     parser.add_argument("--width", type=int, default=d.width, help="embedding width (paper: 192)")
-    parser.add_argument("--position", choices=["absolute", "example"], default=d.position,
-                        help="position encoding: GPT-2's learned absolute positions (the paper's), or learned "
+    parser.add_argument("--position", choices=POSITIONS, default=d.position,
+                        help="absolute: GPT-2's learned absolute positions (the paper's); example: learned "
                              "(offset within example + example index), which learns the d=3, k=1 case where "
-                             "absolute positions stay on the plateau")
+                             "absolute positions stay on the plateau; packed: example, and each input x enters "
+                             "as one position (a learned embedding per coordinate and value, summed)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (paper: 8e-5)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
@@ -316,10 +317,60 @@ def run_experiment(args):
             extra += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
         lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
                      f"{unseen.mean():.3f} ± {unseen.std():.3f} | {train.mean():.3f} ± {train.std():.3f} | {'; '.join(extra)} |")
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n\nPlots: not made (this version writes tables only).\n")
+    lines += ["", plot_experiment(args.family, groups, os.path.join(out_dir, "summary.png"))]
+    def write_summary(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out_dir, "summary.md"), write_summary)
     log("\n".join(lines))
     return runs
+
+
+def plot_experiment(experiment, groups, path):
+    """Draw the experiment's figure into path, if matplotlib is installed. Returns a line for the summary."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no screen
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
+    unseen = lambda r, group="unseen_tasks": r[group]["exact_match_generated"]
+    label = lambda key: " ".join(key[1:]).replace("--", "")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if experiment == "n-tasks":  # accuracy against training tasks, one line per d, with its D ln D mark
+        by_d = {}
+        for group in groups.values():
+            by_d.setdefault(group[0]["config"]["d"], []).append(
+                (group[0]["n_train_tasks"], np.mean([unseen(r) for r in group]), np.std([unseen(r) for r in group])))
+        for d, points in sorted(by_d.items()):
+            n, mean, std = zip(*sorted(points))
+            line, *_ = ax.errorbar(n, mean, std, marker="o", capsize=3, label=f"d = {d}")
+            ax.axvline(d * np.log(d), color=line.get_color(), linestyle="--", label=f"D ln D = {d * np.log(d):.0f}")
+        ax.set_xlabel("training tasks")
+    elif experiment in ("icl-vs-cot", "context-length"):  # unseen-task accuracy over training, one curve per run
+        for key, group in groups.items():
+            history = group[0]["history"]
+            ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history], marker=".",
+                    label=("answer only: " if group[0]["config"]["no_cot"] else "CoT: ") + label(key))
+        ax.set_xlabel("training step")
+    else:  # bars: unseen tasks, and the in/out-of-distribution groups where an exclusion made them
+        names = {"unseen_tasks": "all unseen", "unseen_in_distribution": "ID", "unseen_out_of_distribution": "OOD"}
+        for i, (key, group) in enumerate(groups.items()):
+            present = [n for n in names if n in group[0]]
+            ax.bar([i + 0.25 * j for j in range(len(present))], [np.mean([unseen(r, n) for r in group]) for n in present],
+                   width=0.25, color=["C0", "C2", "C3"][:len(present)])
+            for j, n in enumerate(present):
+                ax.text(i + 0.25 * j, 0.02, names[n], rotation=90, ha="center", va="bottom")
+        ax.set_xticks(range(len(groups)), [label(key) for key in groups], fontsize=7)
+    ax.set_ylabel("generated exact match, unseen tasks")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(experiment)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return f"Plot: {os.path.basename(path)}"
 
 
 def build_parser():

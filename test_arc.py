@@ -3,6 +3,7 @@
 Run with `python -m pytest -q` (about three minutes on 2 CPU cores).
 """
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -224,28 +225,48 @@ def test_translation_vocabulary_round_trips_every_word():
 
 # ----------------------------------------------------------------------------- model
 
-def tiny_model(example_len=0, vocab_size=5, block_size=24):
+# The three position encodings as (example_len, input_len): absolute, per example, packed inputs.
+POSITION_ENCODINGS = st.sampled_from([(0, 0), (5, 0), (5, 3)])
+
+
+def tiny_model(example_len=0, input_len=0, vocab_size=5, block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
-                         example_len=example_len)).eval()
+                         example_len=example_len, input_len=input_len)).eval()
 
 
 @PROPERTY
-@given(st.sampled_from([0, 5]), st.integers(1, 23), st.integers(0, 2**31 - 1))
-def test_causality(example_len, cut, seed):
-    model = tiny_model(example_len)
+@given(POSITION_ENCODINGS, st.integers(1, 23), st.integers(0, 2**31 - 1))
+def test_causality(encoding, cut, seed):
+    model = tiny_model(*encoding)
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(5, (2, 24), generator=generator)
     changed = idx.clone()
     changed[:, cut:] = torch.randint(5, (2, 24 - cut), generator=generator)
     with torch.no_grad():
         assert torch.allclose(model(idx)[:, :cut], model(changed)[:, :cut], atol=1e-5)
+        # and a prefix alone gets the logits it has inside the whole sequence
+        assert torch.allclose(model(idx[:, :cut]), model(idx)[:, :cut], atol=1e-5)
+
+
+def test_packed_inputs_are_one_position_and_not_predicted():
+    model = tiny_model(5, 3)
+    idx = torch.randint(5, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x, slot = model.embed(idx, 0)
+        logits = model(idx)
+    assert x.shape == (2, 4 * 3, 16)  # 4 examples of (packed input, 2 more tokens)
+    assert slot.tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
+    predicted = logits.abs().sum(-1) > 0
+    assert predicted.tolist() == [[offset >= 2 for _ in range(4) for offset in range(5)]] * 2
 
 
 @PROPERTY
-@given(st.sampled_from([0, 5]), st.integers(1, 20), st.integers(1, 4), st.integers(0, 2**31 - 1))
-def test_generate_is_stepwise_argmax(example_len, prefix_len, new_tokens, seed):
-    model = tiny_model(example_len)
+@given(POSITION_ENCODINGS, st.integers(1, 20), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_generate_is_stepwise_argmax(encoding, prefix_len, new_tokens, seed):
+    model = tiny_model(*encoding)
+    if encoding[1]:  # packed inputs are given, never generated: decode the answer tokens after one
+        prefix_len, new_tokens = prefix_len // 5 * 5 + 3, min(new_tokens, 2)
     prefix = torch.randint(5, (3, prefix_len), generator=torch.Generator().manual_seed(seed))
     cached = model.generate(prefix, new_tokens)
     recomputed = model.generate(prefix, new_tokens, use_cache=False)
@@ -395,3 +416,14 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     for a, b in zip(first, again):
         assert a["unseen_tasks"] == b["unseen_tasks"] and a["train_tasks"] == b["train_tasks"]
     assert "P(all step options covered)" in (tmp_path / "sweep" / "summary.md").read_text()
+    # The figure of every experiment kind from these results; without matplotlib, a note instead.
+    groups = {("parity", "--n-train-tasks", str(r["n_train_tasks"])): [r] for r in again}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert "skipped" in run.plot_experiment("n-tasks", groups, str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
+    monkeypatch.undo()
+    if importlib.util.find_spec("matplotlib"):
+        for experiment in run.EXPERIMENTS:
+            png = tmp_path / f"{experiment}.png"
+            run.plot_experiment(experiment, groups, str(png))
+            assert png.read_bytes()[:4] == b"\x89PNG"
