@@ -68,16 +68,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, last_only=False):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if last_only:
+            q = q[:, :, -1:]
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
-        # A prefill (T == all keys) needs the causal mask; a decoding step (one new
-        # query token) may see every cached key, so it needs none.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        # Queries for every key (a full forward or a prefill) need the causal mask; the
+        # last token alone (a decoding step) may see every key, so it needs none.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) == k.size(2) and q.size(2) > 1)
+        return self.c_proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
 
 class MLP(nn.Module):
@@ -98,8 +100,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, last_only=False):
+        attended = self.attn(self.ln_1(x), cache, last_only)
+        x = (x[:, -1:] if last_only else x) + attended
         return x + self.mlp(self.ln_2(x))
 
 
@@ -155,10 +158,12 @@ class GPT(nn.Module):
         slot_example = torch.zeros(packed.size(1), dtype=torch.long, device=idx.device).index_copy_(0, slot, example)
         return packed + self.wpe_example(slot_example), slot
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
-        With a cache, idx continues the tokens the cache already holds.
+        With a cache, idx continues the tokens the cache already holds. With last_only, the
+        logits of the last token only, (B, 1, vocab_size): all a decoder needs, and the last
+        block then computes just its keys and values for the other tokens.
         """
         start = cache.tokens if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
@@ -166,19 +171,24 @@ class GPT(nn.Module):
         if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
         x, slot = self.embed(idx, start)
+        n_positions = x.size(1)
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, last_only and block is self.blocks[-1])
         if cache is not None:
-            cache.length += x.size(1)
+            cache.length += n_positions
             cache.tokens += idx.size(1)
         if slot is None:
             return self.lm_head(self.ln_f(x))
+        if last_only:  # the last position is the last token's, unless that token sits inside an input
+            inside_input = (start + idx.size(1) - 1) % self.config.example_len < self.config.input_len - 1
+            return self.lm_head(self.ln_f(x)) * (not inside_input)
         # Back to one row per token: a packed input's logits go to its last token, the other
         # input tokens get zeros (the model does not predict inputs).
         offset = torch.arange(start, start + idx.size(1), device=idx.device) % self.config.example_len
         last_of_slot = offset >= self.config.input_len - 1
-        logits = x.new_zeros(idx.size(0), idx.size(1), self.config.vocab_size)
-        logits[:, last_of_slot] = self.lm_head(self.ln_f(x[:, slot[last_of_slot]]))
+        predicted = self.lm_head(self.ln_f(x[:, slot[last_of_slot]]))
+        logits = predicted.new_zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+        logits[:, last_of_slot] = predicted
         return logits
 
     @torch.no_grad()
@@ -188,7 +198,8 @@ class GPT(nn.Module):
         new_tokens = []
         context = idx
         for _ in range(max_new_tokens):
-            logits = self(context, cache)[:, -1]
+            # Recomputation is the plain full forward: the reference the cached path must equal.
+            logits = self(context, cache, last_only=True)[:, -1] if use_cache else self(context)[:, -1]
             next_token = logits.argmax(dim=-1, keepdim=True)
             new_tokens.append(next_token)
             # With a cache only the new token goes in next; without, everything again.

@@ -113,6 +113,9 @@ def add_common_args(parser):
                         help="train on a fixed dataset of this many samples split evenly across the training "
                              "tasks (the paper's setup) instead of fresh samples every step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                        help="bf16: autocast matmuls to bf16 (weights stay fp32); auto: bf16 on CUDA, fp32 on CPU, "
+                             "where bf16 pays off only at large shapes (see `python run.py bench`)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between progress evaluations")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
                         help="fresh samples per task group in the final evaluation")
@@ -201,15 +204,18 @@ def run_bench(args):
     for name, (family, cfg) in shapes.items():
         cfg.device = device
         r = results[name] = benchmark(family, cfg)
+        by_precision = ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["train_step_seconds_by_precision"].items())
         log(f"{name}: {r['tokens_per_sample']} tokens x batch {r['batch_size']}, {r['n_parameters'] / 1e6:.2f}M parameters\n"
-            f"  training   {r['train_step_seconds'] * 1e3:8.1f} ms/step  {r['train_tokens_per_second']:12,.0f} tokens/s  "
-            f"{r['achieved_flops'] / 1e9:7.1f} GFLOP/s = MFU {r['mfu']:.1%} of a measured {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul\n"
+            f"  training   {r['train_step_seconds'] * 1e3:8.1f} ms/step ({r['train_precision']}; ms/step by precision: {by_precision})  "
+            f"{r['train_tokens_per_second']:,.0f} tokens/s  {r['achieved_flops'] / 1e9:.1f} GFLOP/s = MFU {r['mfu']:.1%} "
+            f"of a measured {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s {r['train_precision']} matmul\n"
             f"  generate   {r['generate_tokens_per_second']:12,.0f} answer tokens/s, {r['generate_speedup_vs_recompute']:.1f}x "
             f"recomputation (identical: {r['generate_cached_equals_recompute']})\n"
             f"  data       {r['data_samples_per_second']:12,.0f} samples/s")
         hf = r["hf_gpt2"]
         log(f"  vs HF GPT2LMHeadModel (eager, fp32), alternating: {hf['hf_train_step_seconds']:.2f} s vs "
-            f"{hf['ours_train_step_seconds']:.2f} s per step = {hf['speedup_vs_hf']:.2f}x" if hf else
+            f"{hf['ours_train_step_seconds']:.2f} s per step ({hf['ours_precision']}) = {hf['speedup_vs_hf']:.2f}x; "
+            f"both fp32: {hf['speedup_vs_hf_both_fp32']:.2f}x" if hf else
             "  HF GPT2LMHeadModel comparison skipped: transformers is not installed")
     results.update({f"{key}": value for key, value in results["paper"].items()})  # paper shapes at top level
     if args.out:

@@ -247,6 +247,8 @@ def test_causality(encoding, cut, seed):
         assert torch.allclose(model(idx)[:, :cut], model(changed)[:, :cut], atol=1e-5)
         # and a prefix alone gets the logits it has inside the whole sequence
         assert torch.allclose(model(idx[:, :cut]), model(idx)[:, :cut], atol=1e-5)
+        # and the last-token-only forward (what decoding uses) gets the same last logits
+        assert torch.allclose(model(idx[:, :cut], last_only=True), model(idx[:, :cut])[:, -1:], atol=1e-5)
 
 
 def test_packed_inputs_are_one_position_and_not_predicted():
