@@ -126,6 +126,7 @@ class TrainConfig:
     batch_size: int = 8
     steps: int = 5000
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
+    curriculum_steps: int = 0  # > 0: draw from 3 training tasks for half of this, then from more, all by this step
     eval_every: int = 500
     eval_samples: int = 2000  # samples per task group at the final evaluation
     seed: int = 0
@@ -146,6 +147,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"bf16 autocast is supported here on cpu and cuda, not {self.device}")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"curriculum-steps must be at least 0, got {self.curriculum_steps}")
+        if self.curriculum_steps and self.n_train_total is not None:
+            raise ValueError("--curriculum-steps works with fresh samples, not with --n-train-total")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
 
@@ -181,11 +186,22 @@ class TrainingData:
             self.dataset = make_batch(family, self.tasks.repeat_interleave(per_task, dim=0),
                                       cfg.context_length, cfg.cot, generator).tokens
 
-    def next_batch(self):
+    def n_tasks_at(self, step):
+        """How many of the training tasks (the first ones) step draws from: all, but during a curriculum."""
+        n_tasks, steps = len(self.tasks), self.cfg.curriculum_steps
+        if step >= steps:
+            return n_tasks
+        # A few tasks first: telling 3 tasks apart from the context is learned within minutes,
+        # and the context-reading circuit then has to widen, not appear, as tasks join.
+        half = steps // 2  # 3 tasks for the first half, then more and more
+        return min(n_tasks, 3 + (n_tasks - 3) * max(0, step - half) // max(1, half))
+
+    def next_batch(self, step):
         if self.dataset is not None:
             rows = torch.randint(0, self.dataset.size(0), (self.cfg.batch_size,), generator=self.generator, device=self.dataset.device)
             return self.dataset[rows]
-        picks = torch.randint(0, len(self.tasks), (self.cfg.batch_size,), generator=self.generator, device=self.tasks.device)
+        picks = torch.randint(0, self.n_tasks_at(step), (self.cfg.batch_size,), generator=self.generator,
+                              device=self.tasks.device)
         return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator).tokens
 
 
@@ -324,7 +340,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     for step in range(start_step, last_step):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        loss_sum += train_step(step_model, optimizer, data.next_batch(), positions, cfg.grad_clip, cfg.precision)
+        loss_sum += train_step(step_model, optimizer, data.next_batch(step), positions, cfg.grad_clip, cfg.precision)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             mean_loss = loss_sum.item() / (done - last_log_step)

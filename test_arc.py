@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import Checkpoint, Exclusion, TrainConfig, benchmark, parse_task_count, run_split, split_tasks, train
+from arc import Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, parse_task_count, run_split, split_tasks, train
 from gpt import GPT, GPTConfig
 from tasks import ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, Arithmetic, SparseParity, Translation, make_batch
 
@@ -332,6 +332,9 @@ def run_cli(*args, cwd=None):
     (["--width", "100", "--n-heads", "3"], "not divisible"),
     (["--lr", "0"], "lr must be positive"),
     (["--resume", "no/such/file.pt"], "does not exist"),
+    (["--curriculum-steps", "-1"], "curriculum-steps must be at least 0"),
+    (["--curriculum-steps", "10", "--n-train-total", "100"], "works with fresh samples"),
+    (["--precision", "fp16"], "invalid choice"),
     (["no-such-experiment"], "invalid choice"),
 ])
 def test_bad_input_is_one_clear_error(args, message):
@@ -393,6 +396,17 @@ def test_benchmark_reports_consistent_speeds():
                 "generate_speedup_vs_recompute"):
         assert result[key] > 0
     assert result["train_tokens_per_second"] == pytest.approx(4 * (4 * 7 - 1) / result["train_step_seconds"])
+
+
+def test_curriculum_widens_from_three_tasks_to_all():
+    family = SparseParity(6, 2)
+    split = split_tasks(family.all_tasks(), 12, seed=0)
+    data = TrainingData(family, split.train, small_config(curriculum_steps=100), torch.Generator())
+    counts = [data.n_tasks_at(step) for step in range(120)]
+    assert counts[:51] == [3] * 51 and counts[99] < 12 and counts[100:] == [12] * 20
+    assert counts == sorted(counts)
+    plain = TrainingData(family, split.train, small_config(), torch.Generator())
+    assert {plain.n_tasks_at(step) for step in range(100)} == {12}
 
 
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
