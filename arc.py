@@ -103,6 +103,19 @@ def split_tasks(all_tasks, n_train, seed, exclusion=Exclusion(), max_test=200):
     return TaskSplit(all_tasks[np.sort(train_index)], all_tasks[test_index], excluded[test_index], n_total)
 
 
+def step_options(tasks):
+    """The (step, option) pairs that tasks use, steps 1-based."""
+    return {(t + 1, option) for task in np.asarray(tasks).tolist() for t, option in enumerate(task)}
+
+
+def coverage(train_tasks, family):
+    """The (step, option) pairs that some task of the family uses but no training task does: what the
+    coupon-collector argument is about. (Sorted parity tuples make some pairs rare: theta_1 = d-k
+    occurs in one task only, so a few dozen training tasks seldom cover every pair.)"""
+    return sorted(step_options(family.all_tasks()) - step_options(train_tasks))
+
+
+
 # ----------------------------------------------------------------------------- training
 
 POSITIONS = ("absolute", "example", "packed")  # how the model sees where a token sits (see GPTConfig)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, parse_task_count, run_split, split_tasks, train
+from arc import Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, coverage, parse_task_count, run_split, split_tasks, train
 from gpt import GPT, GPTConfig
 from tasks import ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, Arithmetic, SparseParity, Translation, make_batch
 
@@ -396,6 +396,15 @@ def test_benchmark_reports_consistent_speeds():
                 "generate_speedup_vs_recompute"):
         assert result[key] > 0
     assert result["train_tokens_per_second"] == pytest.approx(4 * (4 * 7 - 1) / result["train_step_seconds"])
+
+
+def test_coverage_lists_the_step_options_training_missed():
+    family = SparseParity(10, 3)
+    assert coverage(family.all_tasks(), family) == []
+    split = split_tasks(family.all_tasks(), 20, seed=0, exclusion=Exclusion(missing_coordinate=(2, 5)), max_test=60)
+    uncovered = coverage(split.train, family)
+    assert (2, 5) in uncovered and (1, 9) not in uncovered  # sorted: theta_1 is never 9, so nothing to cover
+    assert all(any(task[step - 1] == option for task in family.all_tasks()) for step, option in uncovered)
 
 
 def test_curriculum_widens_from_three_tasks_to_all():
