@@ -264,7 +264,7 @@ def evaluate(model, family, tasks, cfg, generator, n_samples, batch_size=500):
 def autocast(device, precision="auto"):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, and by
     default on CUDA (tensor cores). On CPU it pays off only for large matmuls (the paper's
-    shapes: 1.6x a step here), not at the CPU default's small ones, so auto means fp32 there."""
+    shapes: 1.9x a step here), not at the CPU default's small ones, so auto means fp32 there."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16, enabled=bf16)
 

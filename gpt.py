@@ -137,26 +137,37 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, idx, start):
-        """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`,
-        and for each token the position it lands on (None: one position per token)."""
+    def packed_layout(self, start, length):
+        """Where tokens start..start+length-1 go when inputs are packed: for each token, whether it
+        is an input token and its position (counted from the chunk's first); the indices of the
+        tokens whose position's output is their prediction (the last input token, every answer
+        token); and for each position, its example. Pure arithmetic on token indices, done on the
+        CPU, so that sizes and indices never wait on the device."""
+        E, P = self.config.example_len, self.config.input_len
+        pos = torch.arange(start, start + length)
+        offset, example = pos % E, pos // E
+        slot = example * (E - P + 1) + (offset - P + 1).clamp(min=0)
+        n_slots = int(slot[-1] - slot[0]) + 1
+        slot_example = (slot[0] + torch.arange(n_slots)) // (E - P + 1)
+        return offset < P, slot - slot[0], (offset >= P - 1).nonzero().squeeze(1), slot_example
+
+    def embed(self, idx, start, layout=None):
+        """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`
+        (with packed inputs, their packed_layout on idx's device)."""
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
         if not self.config.example_len:
-            return self.wte(idx) + self.wpe(pos), None
+            return self.wte(idx) + self.wpe(pos)
         E, P = self.config.example_len, self.config.input_len
         offset, example = pos % E, pos // E
         x = self.wte(idx) + self.wpe(offset)
         if not P:
-            return x + self.wpe_example(example), None
+            return x + self.wpe_example(example)
         # Packed inputs: an example's P input tokens share one position, the one of its last.
-        is_input = offset < P
+        is_input, slot, _, slot_example = layout
         x_input = self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx)
         x = torch.where(is_input.unsqueeze(-1), x_input, x)
-        slot = example * (E - P + 1) + (offset - P + 1).clamp(min=0)
-        slot = slot - slot[0]
-        packed = x.new_zeros(idx.size(0), int(slot[-1]) + 1, x.size(-1)).index_add_(1, slot, x)
-        slot_example = torch.zeros(packed.size(1), dtype=torch.long, device=idx.device).index_copy_(0, slot, example)
-        return packed + self.wpe_example(slot_example), slot
+        packed = x.new_zeros(idx.size(0), len(slot_example), x.size(-1)).index_add_(1, slot, x)
+        return packed + self.wpe_example(slot_example)
 
     def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
@@ -170,25 +181,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
         if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
-        x, slot = self.embed(idx, start)
+        layout = self.packed_layout(start, idx.size(1)) if self.config.input_len else None
+        x = self.embed(idx, start, None if layout is None else [t.to(idx.device) for t in layout])
         n_positions = x.size(1)
         for block in self.blocks:
             x = block(x, cache, last_only and block is self.blocks[-1])
         if cache is not None:
             cache.length += n_positions
             cache.tokens += idx.size(1)
-        if slot is None:
+        if layout is None:
             return self.lm_head(self.ln_f(x))
-        if last_only:  # the last position is the last token's, unless that token sits inside an input
-            inside_input = (start + idx.size(1) - 1) % self.config.example_len < self.config.input_len - 1
-            return self.lm_head(self.ln_f(x)) * (not inside_input)
-        # Back to one row per token: a packed input's logits go to its last token, the other
-        # input tokens get zeros (the model does not predict inputs).
-        offset = torch.arange(start, start + idx.size(1), device=idx.device) % self.config.example_len
-        last_of_slot = offset >= self.config.input_len - 1
-        predicted = self.lm_head(self.ln_f(x[:, slot[last_of_slot]]))
-        logits = predicted.new_zeros(idx.size(0), idx.size(1), self.config.vocab_size)
-        logits[:, last_of_slot] = predicted
+        # Packed inputs, back to one row per token: a position's logits go to the token it
+        # predicts for, the other input tokens get zeros (the model does not predict inputs).
+        _, slot, predicting, _ = layout
+        if last_only:  # x holds the last position only: the last token's, if it predicts
+            predicting = predicting[predicting == idx.size(1) - 1] - (idx.size(1) - 1)
+            slot = torch.zeros(1, dtype=torch.long)
+        predicted = self.lm_head(self.ln_f(x[:, slot[predicting].to(idx.device)]))
+        logits = predicted.new_zeros(idx.size(0), 1 if last_only else idx.size(1), self.config.vocab_size)
+        logits[:, predicting.to(idx.device)] = predicted
         return logits
 
     @torch.no_grad()

@@ -255,10 +255,10 @@ def test_packed_inputs_are_one_position_and_not_predicted():
     model = tiny_model(5, 3)
     idx = torch.randint(5, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        x, slot = model.embed(idx, 0)
+        x = model.embed(idx, 0, model.packed_layout(0, 20))
         logits = model(idx)
     assert x.shape == (2, 4 * 3, 16)  # 4 examples of (packed input, 2 more tokens)
-    assert slot.tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
+    assert model.packed_layout(0, 20)[1].tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
     predicted = logits.abs().sum(-1) > 0
     assert predicted.tolist() == [[offset >= 2 for _ in range(4) for offset in range(5)]] * 2
 
