@@ -139,7 +139,7 @@ class TrainConfig:
     batch_size: int = 8
     steps: int = 5000
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
-    curriculum_steps: int = 0  # > 0: draw from 3 training tasks for half of this, then from more, all by this step
+    curriculum: float = 0.0  # > 0: this fraction of the steps widens from 3 training tasks to all (3 for its first half)
     eval_every: int = 500
     eval_samples: int = 2000  # samples per task group at the final evaluation
     seed: int = 0
@@ -160,10 +160,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"bf16 autocast is supported here on cpu and cuda, not {self.device}")
-        if self.curriculum_steps < 0:
-            raise ValueError(f"curriculum-steps must be at least 0, got {self.curriculum_steps}")
-        if self.curriculum_steps and self.n_train_total is not None:
-            raise ValueError("--curriculum-steps works with fresh samples, not with --n-train-total")
+        if not 0 <= self.curriculum <= 1:
+            raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {self.curriculum}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
 
@@ -187,21 +185,23 @@ def learning_rate(step, cfg):
 
 
 class TrainingData:
-    """Training batches: fresh samples of uniformly drawn training tasks, or a fixed dataset."""
+    """Training batches: fresh samples of uniformly drawn training tasks, or rows of a fixed dataset;
+    during a curriculum, of the first n_tasks_at(step) training tasks only."""
 
     def __init__(self, family, train_tasks, cfg, generator):
         self.family, self.cfg, self.generator = family, cfg, generator
         self.tasks = torch.as_tensor(train_tasks, device=generator.device)
         self.dataset = None
         if cfg.n_train_total is not None:
-            # The authors' setup: n_train_total samples split evenly across the training tasks.
-            per_task = max(1, cfg.n_train_total // len(train_tasks))
-            self.dataset = make_batch(family, self.tasks.repeat_interleave(per_task, dim=0),
+            # The authors' setup: n_train_total samples split evenly across the training tasks,
+            # stored task by task, so that the first n tasks are the first n * per_task rows.
+            self.per_task = max(1, cfg.n_train_total // len(train_tasks))
+            self.dataset = make_batch(family, self.tasks.repeat_interleave(self.per_task, dim=0),
                                       cfg.context_length, cfg.cot, generator).tokens
 
     def n_tasks_at(self, step):
         """How many of the training tasks (the first ones) step draws from: all, but during a curriculum."""
-        n_tasks, steps = len(self.tasks), self.cfg.curriculum_steps
+        n_tasks, steps = len(self.tasks), round(self.cfg.curriculum * self.cfg.steps)
         if step >= steps:
             return n_tasks
         # A few tasks first: telling 3 tasks apart from the context is learned within minutes,
@@ -211,7 +211,8 @@ class TrainingData:
 
     def next_batch(self, step):
         if self.dataset is not None:
-            rows = torch.randint(0, self.dataset.size(0), (self.cfg.batch_size,), generator=self.generator, device=self.dataset.device)
+            rows = torch.randint(0, self.n_tasks_at(step) * self.per_task, (self.cfg.batch_size,), generator=self.generator,
+                                 device=self.dataset.device)
             return self.dataset[rows]
         picks = torch.randint(0, self.n_tasks_at(step), (self.cfg.batch_size,), generator=self.generator,
                               device=self.tasks.device)
@@ -478,11 +479,15 @@ def benchmark(family, cfg, repeats=5):
     n_tokens = batch.tokens.size(0) * (batch.tokens.size(1) - 1)
     # Training FLOPs per token: 6 per weight (forward and backward) plus attention's
     # 6 * 2 * n_layer * T * width over the causal half of a T-token context.
+    # Counted per position: with packed inputs the model sees fewer positions than tokens.
     seq = batch.tokens.size(1) - 1
-    n_weights = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("wpe"))  # wte is also the head
-    flops_per_token = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
+    if model.config.input_len:
+        seq = len(model.packed_layout(0, seq)[3])
+    n_weights = sum(p.numel() for name, p in model.named_parameters()
+                    if not name.startswith(("wpe", "wte_input")))  # lookups, no matmul; wte is also the head
+    flops_per_position = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    achieved = flops_per_token * n_tokens / step_seconds[precision]
+    achieved = flops_per_position * batch.tokens.size(0) * seq / step_seconds[precision]
     prefix = batch.tokens[:, :-batch.answer_len]
     model.eval()
     with autocast(device):
@@ -493,8 +498,12 @@ def benchmark(family, cfg, repeats=5):
     data_tasks = tasks.repeat(data_batch // len(tasks) + 1, 1)[:data_batch]
     data_seconds = timed(lambda: make_batch(family, data_tasks, cfg.context_length, cfg.cot, generator), repeats, device)
     model.train()
+    if model.config.input_len:
+        hf_gpt2 = dict(skipped="Hugging Face's GPT-2 has no packed inputs to compare with")
+    else:
+        hf_gpt2 = hf_gpt2_speedup(model, cfg, batch.tokens, positions, precision) or dict(skipped="transformers is not installed")
     return dict(
-        hf_gpt2=hf_gpt2_speedup(model, cfg, batch.tokens, positions, precision),
+        hf_gpt2=hf_gpt2, positions_per_sample=seq,
         tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size, n_parameters=model.num_params(),
         train_precision=precision, train_step_seconds=step_seconds[precision],
         train_step_seconds_by_precision=step_seconds, train_tokens_per_second=n_tokens / step_seconds[precision],

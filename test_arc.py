@@ -332,8 +332,8 @@ def run_cli(*args, cwd=None):
     (["--width", "100", "--n-heads", "3"], "not divisible"),
     (["--lr", "0"], "lr must be positive"),
     (["--resume", "no/such/file.pt"], "does not exist"),
-    (["--curriculum-steps", "-1"], "curriculum-steps must be at least 0"),
-    (["--curriculum-steps", "10", "--n-train-total", "100"], "works with fresh samples"),
+    (["--curriculum", "-0.5"], "curriculum must be a fraction"),
+    (["--curriculum", "1.5"], "curriculum must be a fraction"),
     (["--precision", "fp16"], "invalid choice"),
     (["no-such-experiment"], "invalid choice"),
 ])
@@ -396,6 +396,10 @@ def test_benchmark_reports_consistent_speeds():
                 "generate_speedup_vs_recompute"):
         assert result[key] > 0
     assert result["train_tokens_per_second"] == pytest.approx(4 * (4 * 7 - 1) / result["train_step_seconds"])
+    # Packed inputs: fewer positions than tokens, and no Hugging Face counterpart to time against.
+    packed = benchmark(SparseParity(4, 2), small_config(batch_size=4, position="packed"), repeats=1)
+    assert packed["positions_per_sample"] < result["positions_per_sample"] == 4 * 7 - 1
+    assert "skipped" in packed["hf_gpt2"] and packed["generate_cached_equals_recompute"]
 
 
 def test_coverage_lists_the_step_options_training_missed():
@@ -410,12 +414,16 @@ def test_coverage_lists_the_step_options_training_missed():
 def test_curriculum_widens_from_three_tasks_to_all():
     family = SparseParity(6, 2)
     split = split_tasks(family.all_tasks(), 12, seed=0)
-    data = TrainingData(family, split.train, small_config(curriculum_steps=100), torch.Generator())
+    data = TrainingData(family, split.train, small_config(curriculum=0.5, steps=200), torch.Generator())
     counts = [data.n_tasks_at(step) for step in range(120)]
     assert counts[:51] == [3] * 51 and counts[99] < 12 and counts[100:] == [12] * 20
     assert counts == sorted(counts)
     plain = TrainingData(family, split.train, small_config(), torch.Generator())
     assert {plain.n_tasks_at(step) for step in range(100)} == {12}
+    # A fixed dataset (the authors' setup) is stored task by task: the curriculum draws the first tasks' rows.
+    fixed = TrainingData(family, split.train, small_config(curriculum=0.5, steps=200, n_train_total=120), torch.Generator())
+    first_three = {tuple(row.tolist()) for row in fixed.dataset[:30]}
+    assert all(tuple(row.tolist()) in first_three for step in range(50) for row in fixed.next_batch(step))
 
 
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
@@ -431,8 +439,10 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     finished, unfinished = (tmp_path / "sweep" / n for n in names)
     unfinished.unlink()
     family = SparseParity(5, 2)
-    split = split_tasks(family.all_tasks(), 5 if "_5_" in unfinished.name else 3, seed=0)
-    cfg = small_config(steps=6, eval_every=3, eval_samples=16, n_heads=2, n_layers=1, width=16)
+    n_train = 5 if "_5_" in unfinished.name else 3
+    split = split_tasks(family.all_tasks(), n_train, seed=0)
+    # The settings that run would have: the sweep's flags on top of parity's preset.
+    cfg = run.train_config(run.build_parser().parse_args(["parity", *tiny, "--n-train-tasks", str(n_train), "--device", "cpu"]))
     train(family, split, cfg, Checkpoint(path=str(unfinished.with_suffix(".pt"))), log=lambda _: None, stop_after=3)
     finished_before = finished.stat().st_mtime_ns
     again = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
