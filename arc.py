@@ -118,7 +118,7 @@ def coverage(train_tasks, family):
 
 # ----------------------------------------------------------------------------- training
 
-POSITIONS = ("absolute", "example", "packed")  # how the model sees where a token sits (see GPTConfig)
+POSITIONS = ("absolute", "example", "packed", "broadcast")  # how the model sees where a token sits (see GPTConfig)
 
 
 @dataclass
@@ -128,7 +128,9 @@ class TrainConfig:
     n_layers: int = 3
     n_heads: int = 4
     width: int = 128
-    position: str = "example"  # "absolute" (GPT-2), "example" (GPTConfig.example_len) or "packed" (+ input_len)
+    position: str = "example"  # "absolute" (GPT-2), "example" (GPTConfig.example_len), "packed" (+ input_len)
+    # or "broadcast" (packed + input_broadcast)
+    embedding_std: float = 0.02  # initial std of the embeddings (GPTConfig.embedding_std); GPT-2: 0.02
     compile: bool = False  # torch.compile the training forward/backward
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": bf16 on CUDA, fp32 on CPU
     lr: float = 1e-3
@@ -154,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.embedding_std > 0:
+            raise ValueError(f"embedding-std must be positive, got {self.embedding_std}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -172,7 +176,8 @@ def build_model(family, cfg):
         vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
         example_len=example_len if cfg.position != "absolute" else 0,
-        input_len=family.input_len if cfg.position == "packed" else 0)
+        input_len=family.input_len if cfg.position in ("packed", "broadcast") else 0,
+        input_broadcast=cfg.position == "broadcast", embedding_std=cfg.embedding_std)
     return GPT(config)
 
 

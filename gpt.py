@@ -8,6 +8,7 @@ cache. Nothing in here knows about tasks: it maps token ids to logits.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,28 @@ class GPTConfig:
     # ~3x shorter. Inputs are not predicted: their logits are zero, but for the input's last
     # position, which predicts the separator after it.
     input_len: int = 0
+    # With packed inputs: every later position of an example also gets a learned linear map of its
+    # example's input vector. An answer token and the input it answers then meet in one residual
+    # vector from the first layer on, instead of after an attention layer that first has to learn
+    # to fetch the input; comparing the two is how the task is read off the context.
+    input_broadcast: bool = False
+    # Initial std of every embedding (tokens, positions, packed inputs). GPT-2 uses 0.02. With the
+    # output head tied to the token embedding, larger ones also make the head's logits larger at first.
+    # Measured here (results/search.md): with broadcast inputs and 0.02, the circuit that reads off the
+    # context which coordinate the answers copy (d=10, k=1) never formed in 3,000 steps; with 0.3 or 1.0
+    # it formed in 4 of 9 runs, by ~1,500 steps.
+    embedding_std: float = 0.02
     bias: bool = True
+
+
+class PackedLayout(NamedTuple):
+    """Where the tokens of a chunk go when inputs are packed (GPT.packed_layout)."""
+    is_input: torch.Tensor  # per token: part of an input
+    slot: torch.Tensor  # per token: its position, counted from the chunk's first
+    predicting: torch.Tensor  # tokens whose position's output is their prediction (last input token, answers)
+    slot_example: torch.Tensor  # per position: its example
+    input_slots: torch.Tensor  # the positions that are inputs
+    broadcast_source: torch.Tensor  # per position: where input_broadcast takes its input from (see packed_layout)
 
 
 class KVCache:
@@ -45,6 +67,7 @@ class KVCache:
         self.keys = self.values = None  # allocated at the first call, in k's dtype (autocast may change it)
         self.length = 0  # positions already stored (a packed input is one); advanced by GPT.forward
         self.tokens = 0  # tokens already seen; advanced by GPT.forward
+        self.last_input = None  # the packed vector of the latest input, for input_broadcast
 
     def extend(self, layer, k, v):
         """Store this layer's new keys/values, return all of them so far."""
@@ -114,6 +137,9 @@ class GPT(nn.Module):
         if config.input_len:
             assert 0 < config.input_len < config.example_len, "a packed input needs example_len > input_len"
             self.wte_input = nn.Embedding(config.input_len * config.vocab_size, config.n_embd)
+        if config.input_broadcast:
+            assert config.input_len, "input_broadcast needs packed inputs (input_len > 0)"
+            self.input_to_answers = nn.Linear(config.n_embd, config.n_embd, bias=False)
         if config.example_len:
             self.wpe = nn.Embedding(config.example_len, config.n_embd)
             self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
@@ -129,6 +155,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=config.embedding_std)
+        if config.input_broadcast:  # norm-preserving: the broadcast input is as loud as the input itself
+            nn.init.normal_(self.input_to_answers.weight, mean=0.0, std=1 / math.sqrt(config.n_embd))
 
     @staticmethod
     def _init_weights(module):
@@ -138,20 +169,24 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def packed_layout(self, start, length):
-        """Where tokens start..start+length-1 go when inputs are packed: for each token, whether it
-        is an input token and its position (counted from the chunk's first); the indices of the
-        tokens whose position's output is their prediction (the last input token, every answer
-        token); and for each position, its example. Pure arithmetic on token indices, done on the
-        CPU, so that sizes and indices never wait on the device."""
+        """Where tokens start..start+length-1 go when inputs are packed. Pure arithmetic on token
+        indices, done on the CPU, so that sizes and indices never wait on the device."""
         E, P = self.config.example_len, self.config.input_len
         pos = torch.arange(start, start + length)
         offset, example = pos % E, pos // E
         slot = example * (E - P + 1) + (offset - P + 1).clamp(min=0)
         n_slots = int(slot[-1] - slot[0]) + 1
         slot_example = (slot[0] + torch.arange(n_slots)) // (E - P + 1)
-        return offset < P, slot - slot[0], (offset >= P - 1).nonzero().squeeze(1), slot_example
+        slot = slot - slot[0]  # counted from the chunk's first position
+        input_slots = slot[offset < P].unique_consecutive()
+        # For input_broadcast, where each position's input vector comes from: 0 none (it is an input),
+        # 1 the cache's latest input (the chunk starts after its example's input), 2 + j the j-th input here.
+        broadcast_source = 2 + slot_example - slot_example[0] - int(offset[0] >= P)
+        broadcast_source[input_slots] = 0
+        return PackedLayout(offset < P, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example, input_slots,
+                            broadcast_source)
 
-    def embed(self, idx, start, layout=None):
+    def embed(self, idx, start, layout=None, cache=None):
         """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`
         (with packed inputs, their packed_layout on idx's device)."""
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
@@ -163,11 +198,18 @@ class GPT(nn.Module):
         if not P:
             return x + self.wpe_example(example)
         # Packed inputs: an example's P input tokens share one position, the one of its last.
-        is_input, slot, _, slot_example = layout
         x_input = self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx)
-        x = torch.where(is_input.unsqueeze(-1), x_input, x)
-        packed = x.new_zeros(idx.size(0), len(slot_example), x.size(-1)).index_add_(1, slot, x)
-        return packed + self.wpe_example(slot_example)
+        x = torch.where(layout.is_input.unsqueeze(-1), x_input, x)
+        packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(1, layout.slot, x)
+        if self.config.input_broadcast:
+            inputs = packed[:, layout.input_slots]
+            none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
+            previous = cache.last_input if cache is not None and cache.last_input is not None else none
+            sources = torch.cat([none, previous, inputs], dim=1)
+            packed = packed + self.input_to_answers(sources[:, layout.broadcast_source])
+            if cache is not None and inputs.size(1):
+                cache.last_input = inputs[:, -1:]
+        return packed + self.wpe_example(layout.slot_example)
 
     def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
@@ -182,7 +224,7 @@ class GPT(nn.Module):
         if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
         layout = self.packed_layout(start, idx.size(1)) if self.config.input_len else None
-        x = self.embed(idx, start, None if layout is None else [t.to(idx.device) for t in layout])
+        x = self.embed(idx, start, None if layout is None else PackedLayout(*(t.to(idx.device) for t in layout)), cache)
         n_positions = x.size(1)
         for block in self.blocks:
             x = block(x, cache, last_only and block is self.blocks[-1])
@@ -193,7 +235,7 @@ class GPT(nn.Module):
             return self.lm_head(self.ln_f(x))
         # Packed inputs, back to one row per token: a position's logits go to the token it
         # predicts for, the other input tokens get zeros (the model does not predict inputs).
-        _, slot, predicting, _ = layout
+        slot, predicting = layout.slot, layout.predicting
         if last_only:  # x holds the last position only: the last token's, if it predicts
             predicting = predicting[predicting == idx.size(1) - 1] - (idx.size(1) - 1)
             slot = torch.zeros(1, dtype=torch.long)

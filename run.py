@@ -41,7 +41,7 @@ def add_parity_args(parser):
                         help="input length: x is uniform in {0,1}^d; D = d options per step")
     parser.add_argument("--k", type=int, default=3,
                         help="secret coordinates per task: the answer is the parity of k bits; T = k steps")
-    parser.add_argument("--unsorted", action="store_true",
+    parser.add_argument("--unsorted", action=argparse.BooleanOptionalAction, default=False,
                         help="tasks are ordered k-tuples (d!/(d-k)! tasks) instead of sorted ones (C(d,k)); "
                              "the chain of thought follows the tuple's order")
 
@@ -108,7 +108,12 @@ def add_common_args(parser):
                         help="absolute: GPT-2's learned absolute positions (the paper's); example: learned "
                              "(offset within example + example index), which learns the d=3, k=1 case where "
                              "absolute positions stay on the plateau; packed: example, and each input x enters "
-                             "as one position (a learned embedding per coordinate and value, summed)")
+                             "as one position (a learned embedding per coordinate and value, summed); broadcast: "
+                             "packed, and every answer position also sees its example's input")
+    parser.add_argument("--embedding-std", type=float, default=d.embedding_std,
+                        help="initial std of the token, position and input embeddings (GPT-2 and the paper: 0.02); "
+                             "with --position broadcast, 0.3 or 1.0 let the in-context circuit form where 0.02 "
+                             "stays on the plateau, in some runs (results/search.md)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (paper: 8e-5)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
@@ -241,12 +246,13 @@ def run_bench(args):
 # An experiment is data: for each preset, a list of runs, each a family and the flags that
 # differ from that family's CPU preset. One driver (run_experiment) executes them all.
 
+GPT2_SORTED = ["--no-unsorted", "--embedding-std", "0.02"]  # the paper's tuples and GPT-2's initialisation
 PAPER_PARITY = ["--n-layers", "3", "--n-heads", "1", "--width", "192", "--lr", "8e-5", "--batch-size", "64",
                 "--context-length", "40", "--warmup-steps", "0", "--steps", "20000", "--n-train-total", "25000",
-                "--position", "absolute", "--curriculum", "0"]
-# The CPU sweeps keep the first CPU default's training (per-bit tokens, 5,000 steps, no curriculum): two
-# such runs fit in 15 minutes, and the results committed under results/ are theirs.
-SWEEP_CPU = ["--position", "example", "--steps", "5000", "--curriculum", "0", "--eval-every", "500"]
+                "--position", "absolute", "--curriculum", "0", *GPT2_SORTED]
+# The CPU sweeps keep the first CPU default's problem and training (sorted tuples, per-bit tokens, 5,000
+# steps, no curriculum): two such runs fit in 15 minutes, and the results committed under results/ are theirs.
+SWEEP_CPU = ["--position", "example", "--steps", "5000", "--curriculum", "0", "--eval-every", "500", *GPT2_SORTED]
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60)]
 EXPERIMENTS = {
     "icl-vs-cot": {  # E1: Parity(10,2), 45 tasks
@@ -257,7 +263,7 @@ EXPERIMENTS = {
     "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks
         # six runs: packed inputs (3x cheaper steps) keep the sweep within 15 CPU minutes
         "cpu": [("parity", ["--d", str(d), "--k", "2", "--n-train-tasks", str(n), "--position", "packed", "--steps", "3000",
-                            "--curriculum", "0", "--eval-every", "500"])
+                            "--curriculum", "0", "--eval-every", "500", *GPT2_SORTED])
                 for d in (8, 10) for n in (3, 10, 20)],
         "paper": [("parity", ["--d", str(d), "--k", "3", "--n-train-tasks", n, *PAPER_PARITY])
                   for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
@@ -273,7 +279,8 @@ EXPERIMENTS = {
         for preset, extra in (("cpu", SWEEP_CPU), ("paper", PAPER_PARITY))
     },
     "context-length": {  # E5: N in {10, 20, 30, 40} at d=15, k=3 and 4
-        "cpu": [("parity", ["--d", "10", "--k", "3", "--context-length", str(n), *SWEEP_CPU]) for n in (6, 12)],
+        "cpu": [("parity", ["--d", "10", "--k", "3", "--n-train-tasks", "20", "--context-length", str(n), *SWEEP_CPU])
+                for n in (6, 12)],
         "paper": [("parity", ["--d", "15", "--k", str(k), "--n-train-tasks", "3dlogd", *PAPER_PARITY, "--context-length", str(n)])
                   for k in (3, 4) for n in (10, 20, 30, 40)],
     },

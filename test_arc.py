@@ -225,14 +225,15 @@ def test_translation_vocabulary_round_trips_every_word():
 
 # ----------------------------------------------------------------------------- model
 
-# The three position encodings as (example_len, input_len): absolute, per example, packed inputs.
-POSITION_ENCODINGS = st.sampled_from([(0, 0), (5, 0), (5, 3)])
+# The position encodings as (example_len, input_len, input_broadcast): absolute, per example,
+# packed inputs, packed inputs broadcast to their example's answers.
+POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 0, False), (5, 3, False), (5, 3, True)])
 
 
-def tiny_model(example_len=0, input_len=0, vocab_size=5, block_size=24):
+def tiny_model(example_len=0, input_len=0, input_broadcast=False, vocab_size=5, block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
-                         example_len=example_len, input_len=input_len)).eval()
+                         example_len=example_len, input_len=input_len, input_broadcast=input_broadcast)).eval()
 
 
 @PROPERTY
@@ -261,6 +262,17 @@ def test_packed_inputs_are_one_position_and_not_predicted():
     assert model.packed_layout(0, 20)[1].tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
     predicted = logits.abs().sum(-1) > 0
     assert predicted.tolist() == [[offset >= 2 for _ in range(4) for offset in range(5)]] * 2
+
+
+def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
+    model = tiny_model(5, 3, input_broadcast=True)
+    idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, 5] = (idx[0, 5] + 1) % 5  # the second example's first input token
+    with torch.no_grad():
+        moved = (model.embed(idx, 0, model.packed_layout(0, 20)) != model.embed(changed, 0, model.packed_layout(0, 20)))
+    # positions: 3 per example (packed input, then 2 answer-side tokens); the second example's move, no other
+    assert moved.any(-1)[0].tolist() == [False] * 3 + [True] * 3 + [False] * 6
 
 
 @PROPERTY
@@ -320,17 +332,19 @@ def run_cli(*args, cwd=None):
     (["--k", "0"], "k must be between 1 and d"),
     (["--d", "0"], "d must be at least 1"),
     (["--n-train-tasks", "120"], "only 120 tasks exist"),
+    (["--unsorted", "--n-train-tasks", "720"], "only 720 tasks exist"),
     (["--n-train-tasks", "-4"], "at least 1"),
     (["--context-length", "0"], "context-length must be at least 1"),
     (["--missing-coordinate", "4", "1"], "position must be in 1..3"),
     (["--missing-coordinate", "1", "10"], "value must be in 0..9"),
     (["--missing-pair", "2", "2"], "two different values"),
     (["--missing-pair", "2", "10"], "values must be in 0..9"),
-    (["--d", "4", "--k", "2", "--n-train-tasks", "4", "--missing-pair", "0", "1", "--missing-coordinate", "1", "0"],
+    (["--no-unsorted", "--d", "4", "--k", "2", "--n-train-tasks", "4", "--missing-pair", "0", "1", "--missing-coordinate", "1", "0"],
      "exclusion leaves"),
     (["--device", "tpu"], "unknown device"),
     (["--width", "100", "--n-heads", "3"], "not divisible"),
     (["--lr", "0"], "lr must be positive"),
+    (["--embedding-std", "0"], "embedding-std must be positive"),
     (["--resume", "no/such/file.pt"], "does not exist"),
     (["--curriculum", "-0.5"], "curriculum must be a fraction"),
     (["--curriculum", "1.5"], "curriculum must be a fraction"),
@@ -347,7 +361,8 @@ def test_bad_input_is_one_clear_error(args, message):
 
 def test_cli_writes_the_results_file(tmp_path):
     out = tmp_path / "r.json"
-    result = run_cli("parity", "--d", "6", "--k", "2", "--n-train-tasks", "4", "--n-test-tasks", "5", "--steps", "4", "--eval-every", "2",
+    result = run_cli("parity", "--no-unsorted", "--d", "6", "--k", "2", "--n-train-tasks", "4", "--n-test-tasks", "5",
+                     "--steps", "4", "--eval-every", "2",
                      "--context-length", "4", "--width", "16", "--n-layers", "1", "--n-heads", "2", "--batch-size", "8",
                      "--eval-samples", "20", "--missing-coordinate", "1", "0", "--device", "cpu", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -387,6 +402,15 @@ def test_parity_learns_to_infer_the_task_from_context():
                        eval_samples=400, lr=1e-3, warmup_steps=100, position="example")
     results = run_split(family, split, cfg, log=lambda _: None)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
+
+
+def test_embedding_std_sets_every_embedding_and_the_tied_head():
+    model = GPT(GPTConfig(vocab_size=3, block_size=60, n_layer=1, n_head=2, n_embd=64, example_len=6, input_len=4,
+                          input_broadcast=True, embedding_std=0.3))
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(embeddings) == 4 and model.lm_head.weight is model.wte.weight
+    for weight in embeddings:
+        assert 0.25 < weight.std().item() < 0.35
 
 
 def test_benchmark_reports_consistent_speeds():
