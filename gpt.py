@@ -155,16 +155,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for module in self.modules():
-            if isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=config.embedding_std)
         if config.input_broadcast:  # norm-preserving: the broadcast input is as loud as the input itself
             nn.init.normal_(self.input_to_answers.weight, mean=0.0, std=1 / math.sqrt(config.n_embd))
 
-    @staticmethod
-    def _init_weights(module):
+    def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            # the output head is the token embedding (tied), so it is initialised as one
+            std = self.config.embedding_std if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

@@ -395,11 +395,12 @@ def test_translation_generalizes_to_unseen_tasks():
 
 def test_parity_learns_to_infer_the_task_from_context():
     # Two training tasks, "copy x_a" and "copy x_b": ignoring the context scores 0.75 on them;
-    # reading the task off the in-context examples scores ~1.
+    # reading the task off the in-context examples scores ~1. Broadcast inputs and embeddings at
+    # std 0.3 learn it on every seed tried (0-3); per-example positions with GPT-2's init, on some.
     family = SparseParity(3, 1)
     split = split_tasks(family.all_tasks(), 2, seed=0)
     cfg = small_config(context_length=12, n_layers=3, n_heads=2, width=128, batch_size=32, steps=600, eval_every=300,
-                       eval_samples=400, lr=1e-3, warmup_steps=100, position="example")
+                       eval_samples=400, lr=1e-3, warmup_steps=100, position="broadcast", embedding_std=0.3)
     results = run_split(family, split, cfg, log=lambda _: None)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
 
