@@ -331,14 +331,14 @@ def run_cli(*args, cwd=None):
     (["--k", "11"], "k must be between 1 and d"),
     (["--k", "0"], "k must be between 1 and d"),
     (["--d", "0"], "d must be at least 1"),
-    (["--n-train-tasks", "120"], "only 120 tasks exist"),
-    (["--unsorted", "--n-train-tasks", "720"], "only 720 tasks exist"),
+    (["--no-unsorted", "--d", "10", "--n-train-tasks", "120"], "only 120 tasks exist"),
+    (["--unsorted", "--d", "10", "--n-train-tasks", "720"], "only 720 tasks exist"),
     (["--n-train-tasks", "-4"], "at least 1"),
     (["--context-length", "0"], "context-length must be at least 1"),
     (["--missing-coordinate", "4", "1"], "position must be in 1..3"),
-    (["--missing-coordinate", "1", "10"], "value must be in 0..9"),
+    (["--d", "10", "--missing-coordinate", "1", "10"], "value must be in 0..9"),
     (["--missing-pair", "2", "2"], "two different values"),
-    (["--missing-pair", "2", "10"], "values must be in 0..9"),
+    (["--d", "10", "--missing-pair", "2", "10"], "values must be in 0..9"),
     (["--no-unsorted", "--d", "4", "--k", "2", "--n-train-tasks", "4", "--missing-pair", "0", "1",
       "--missing-coordinate", "1", "0"], "exclusion leaves"),
     (["--device", "tpu"], "unknown device"),
@@ -453,7 +453,7 @@ def test_curriculum_widens_from_three_tasks_to_all():
 
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
     import run
-    tiny = ["--d", "5", "--k", "2", "--steps", "6", "--eval-every", "3", "--width", "16", "--n-heads", "2",
+    tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--steps", "6", "--eval-every", "3", "--width", "16", "--n-heads", "2",
             "--n-layers", "1", "--context-length", "4", "--eval-samples", "16", "--warmup-steps", "2"]
     monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", [*tiny, "--n-train-tasks", str(n)]) for n in (3, 5)]})
     out = str(tmp_path / "sweep")
