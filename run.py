@@ -178,8 +178,8 @@ def print_table(results):
                 f"{r['exact_match_teacher_forced']:>16.3f}   {steps}")
 
 
-def run_family(args):
-    """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
+def prepare_run(args):
+    """Everything a run needs before training, checked: the family, training config, exclusion and split."""
     family = FAMILIES[args.family].build(args)
     cfg = train_config(args)
     exclusion = Exclusion(tuple(args.missing_coordinate) if args.missing_coordinate else None,
@@ -191,6 +191,12 @@ def run_family(args):
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume file {args.resume} does not exist")
     split = split_tasks(family.all_tasks(), n_train, args.seed, exclusion, max_test=args.n_test_tasks)
+    return family, cfg, exclusion, split
+
+
+def run_family(args):
+    """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
+    family, cfg, exclusion, split = prepare_run(args)
     out = args.out or os.path.join("results", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
@@ -279,7 +285,8 @@ EXPERIMENTS = {
                   for d, k, n, _ in PAPER_SCALING],
     },
     "task-selection": {  # E4: paper Section 5.1 exclusions; the paper's at d=10, k=3, on CPU at the default's d=7
-        "cpu": [("parity", exclusion) for exclusion in EXCLUSIONS],
+        # 100 test tasks drawn first leave 110, of which the exclusion keeps enough for the 41 training tasks
+        "cpu": [("parity", ["--n-test-tasks", "100", *exclusion]) for exclusion in EXCLUSIONS],
         "paper": [("parity", ["--d", "10", "--k", "3", "--n-train-tasks", "30", "--n-test-tasks", "60", *exclusion,
                               *PAPER_PARITY]) for exclusion in EXCLUSIONS],
     },

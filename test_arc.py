@@ -451,6 +451,17 @@ def test_curriculum_widens_from_three_tasks_to_all():
     assert all(tuple(row.tolist()) in first_three for step in range(50) for row in fixed.next_batch(step))
 
 
+def test_every_experiment_configuration_is_a_valid_run():
+    import run
+    parser = run.build_parser()
+    for experiment, presets in run.EXPERIMENTS.items():
+        for preset, configurations in presets.items():
+            for family_name, flags in configurations:
+                family, _, exclusion, split = run.prepare_run(parser.parse_args([family_name, *flags]))
+                assert len(split.train) >= 1 and len(split.test) >= 1, (experiment, preset, flags)
+                assert not exclusion.excludes(split.train).any()
+
+
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
     import run
     tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--steps", "6", "--eval-every", "3", "--width", "16", "--n-heads", "2",
