@@ -259,8 +259,8 @@ GPT2_SORTED = ["--no-unsorted", "--embedding-std", "0.02"]  # the paper's tuples
 PAPER_PARITY = ["--n-layers", "3", "--n-heads", "1", "--width", "192", "--lr", "8e-5", "--batch-size", "64",
                 "--context-length", "40", "--warmup-steps", "0", "--steps", "20000", "--n-train-total", "25000",
                 "--position", "absolute", "--curriculum", "0", *GPT2_SORTED]
-# Three CPU sweeps run the CPU default (ordered 3-tuples of d = 7, 16 examples, broadcast inputs) and vary
-# what the experiment is about; each run takes ~6 minutes on 2 cores, so two fit in 15. The n-tasks sweep
+# Four CPU sweeps run the CPU default (ordered 3-tuples of d = 7, 16 examples, broadcast inputs) and vary
+# what the experiment is about; each run takes 5-7 minutes on 2 cores, so two fit in 15. The n-tasks sweep
 # needs six runs, so it keeps the first CPU default's cheaper, plateau-bound training (sorted tuples, GPT-2's
 # initialisation, 12 examples, a few thousand steps, no curriculum): the results committed under results/ are its.
 FIRST_CPU = ["--context-length", "12", "--curriculum", "0", "--eval-every", "500", *GPT2_SORTED]
