@@ -81,8 +81,11 @@ FAMILIES = {
     "parity": Family(add_parity_args, build_parity,
                      dict(d=7, unsorted=True, n_train_tasks="3dlogd", context_length=16, position="broadcast",
                           embedding_std=0.3, steps=12000, eval_every=2000)),
+    # Arithmetic on parity's recipe (broadcast inputs, embeddings at 0.3, batch 8): 0.17 on unseen tasks where
+    # GPT-2's positions and init stayed at 0.02; still short of the 0.90 the issue asks for (README).
     "arithmetic": Family(add_arithmetic_args, build_arithmetic,
-                         dict(n_train_tasks="72", context_length=6, position="absolute", lr=2e-3, batch_size=32, steps=1500)),
+                         dict(n_train_tasks="72", context_length=8, position="broadcast", embedding_std=0.3,
+                              steps=12000, eval_every=2000)),
     "translation": Family(add_translation_args, build_translation,
                           dict(n_train_tasks="40", context_length=4, n_layers=2, position="absolute", lr=3e-3,
                                batch_size=32, steps=800)),
