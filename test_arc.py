@@ -457,7 +457,7 @@ def test_every_experiment_configuration_is_a_valid_run():
     for experiment, presets in run.EXPERIMENTS.items():
         for preset, configurations in presets.items():
             for family_name, flags in configurations:
-                family, _, exclusion, split = run.prepare_run(parser.parse_args([family_name, *flags]))
+                _, _, exclusion, split = run.prepare_run(parser.parse_args([family_name, *flags]))
                 assert len(split.train) >= 1 and len(split.test) >= 1, (experiment, preset, flags)
                 assert not exclusion.excludes(split.train).any()
 
