@@ -131,6 +131,7 @@ class TrainConfig:
     position: str = "example"  # "absolute" (GPT-2), "example" (GPTConfig.example_len), "packed" (+ input_len)
     # or "broadcast" (packed + input_broadcast)
     embedding_std: float = 0.02  # initial std of the embeddings (GPTConfig.embedding_std); GPT-2: 0.02
+    token_shift: bool = False  # each position also sees its predecessor's embedding (GPTConfig.token_shift)
     compile: bool = False  # torch.compile the training forward/backward
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": bf16 on CUDA, fp32 on CPU
     lr: float = 1e-3
@@ -156,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight-decay must not be negative, got {self.weight_decay}")
         if not self.embedding_std > 0:
             raise ValueError(f"embedding-std must be positive, got {self.embedding_std}")
         if self.position not in POSITIONS:
@@ -177,7 +180,7 @@ def build_model(family, cfg):
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
         example_len=example_len if cfg.position != "absolute" else 0,
         input_len=family.input_len if cfg.position in ("packed", "broadcast") else 0,
-        input_broadcast=cfg.position == "broadcast", embedding_std=cfg.embedding_std)
+        input_broadcast=cfg.position == "broadcast", token_shift=cfg.token_shift, embedding_std=cfg.embedding_std)
     return GPT(config)
 
 
@@ -297,9 +300,11 @@ class Checkpoint:
 
 
 def make_optimizer(model, cfg):
+    # As nanoGPT: weight decay on the matrices and embeddings, none on biases and LayerNorm gains.
     # fused: one kernel for all parameters on CUDA; foreach (the default elsewhere) batches them on CPU
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                             fused=next(model.parameters()).device.type == "cuda")
+    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=next(model.parameters()).device.type == "cuda")
 
 
 def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):

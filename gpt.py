@@ -40,6 +40,13 @@ class GPTConfig:
     # vector from the first layer on, instead of after an attention layer that first has to learn
     # to fetch the input; comparing the two is how the task is read off the context.
     input_broadcast: bool = False
+    # Every position also gets a learned linear map of the previous position's embedding (a "token
+    # shift", as in RWKV). In the context, an answer step and the step before it then meet in one
+    # residual vector from the first layer on, so how they relate (the XOR of a parity step, the
+    # operation of an arithmetic step) can be read there without first growing a previous-token
+    # attention head. Measured here (results/search.md): it took the parity seeds that stalled on
+    # the XOR steps over 0.90.
+    token_shift: bool = False
     # Initial std of every embedding (tokens, positions, packed inputs). GPT-2 uses 0.02. With the
     # output head tied to the token embedding, larger ones also make the head's logits larger at first.
     # Measured here (results/search.md): with broadcast inputs and 0.02, the circuit that reads off the
@@ -68,6 +75,7 @@ class KVCache:
         self.length = 0  # positions already stored (a packed input is one); advanced by GPT.forward
         self.tokens = 0  # tokens already seen; advanced by GPT.forward
         self.last_input = None  # the packed vector of the latest input, for input_broadcast
+        self.last_position = None  # the embedding of the latest position, for token_shift
 
     def extend(self, layer, k, v):
         """Store this layer's new keys/values, return all of them so far."""
@@ -140,6 +148,8 @@ class GPT(nn.Module):
         if config.input_broadcast:
             assert config.input_len, "input_broadcast needs packed inputs (input_len > 0)"
             self.input_to_answers = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.token_shift:
+            self.token_shift = nn.Linear(config.n_embd, config.n_embd, bias=False)
         if config.example_len:
             self.wpe = nn.Embedding(config.example_len, config.n_embd)
             self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
@@ -155,8 +165,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.input_broadcast:  # norm-preserving: the broadcast input is as loud as the input itself
-            nn.init.normal_(self.input_to_answers.weight, mean=0.0, std=1 / math.sqrt(config.n_embd))
+        # norm-preserving: what is broadcast or shifted in is as loud as the embedding it joins
+        for extra in ("input_to_answers", "token_shift"):
+            if hasattr(self, extra):
+                nn.init.normal_(getattr(self, extra).weight, mean=0.0, std=1 / math.sqrt(config.n_embd))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -188,17 +200,18 @@ class GPT(nn.Module):
         """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`
         (with packed inputs, their packed_layout on idx's device)."""
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
-        if not self.config.example_len:
-            return self.wte(idx) + self.wpe(pos)
         E, P = self.config.example_len, self.config.input_len
+        if not E:
+            return self.shifted(self.wte(idx) + self.wpe(pos), cache)
         offset, example = pos % E, pos // E
         x = self.wte(idx) + self.wpe(offset)
         if not P:
-            return x + self.wpe_example(example)
+            return self.shifted(x, cache) + self.wpe_example(example)
         # Packed inputs: an example's P input tokens share one position, the one of its last.
         x_input = self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx)
         x = torch.where(layout.is_input.unsqueeze(-1), x_input, x)
         packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(1, layout.slot, x)
+        packed = self.shifted(packed, cache)
         if self.config.input_broadcast:
             inputs = packed[:, layout.input_slots]
             none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
@@ -208,6 +221,17 @@ class GPT(nn.Module):
             if cache is not None and inputs.size(1):
                 cache.last_input = inputs[:, -1:]
         return packed + self.wpe_example(layout.slot_example)
+
+    def shifted(self, x, cache=None):
+        """x (B, positions, C) plus, with token_shift, the map of each position's predecessor
+        (for the first, the cache's latest position, or nothing at the start)."""
+        if not self.config.token_shift:
+            return x
+        first = cache.last_position if cache is not None and cache.last_position is not None else x.new_zeros(
+            x.size(0), 1, x.size(-1))
+        if cache is not None:
+            cache.last_position = x[:, -1:]
+        return x + self.token_shift(torch.cat([first, x[:, :-1]], dim=1))
 
     def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, vocab_size) for token ids idx (B, T).

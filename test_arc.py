@@ -225,15 +225,17 @@ def test_translation_vocabulary_round_trips_every_word():
 
 # ----------------------------------------------------------------------------- model
 
-# The position encodings as (example_len, input_len, input_broadcast): absolute, per example,
-# packed inputs, packed inputs broadcast to their example's answers.
-POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 0, False), (5, 3, False), (5, 3, True)])
+# The position encodings as (example_len, input_len, input_broadcast, token_shift): absolute, per
+# example, packed inputs, packed inputs broadcast to their example's answers; two with a token shift.
+POSITION_ENCODINGS = st.sampled_from([(0, 0, False, False), (5, 0, False, False), (5, 3, False, False),
+                                      (5, 3, True, False), (0, 0, False, True), (5, 3, True, True)])
 
 
-def tiny_model(example_len=0, input_len=0, input_broadcast=False, vocab_size=5, block_size=24):
+def tiny_model(example_len=0, input_len=0, input_broadcast=False, token_shift=False, vocab_size=5, block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
-                         example_len=example_len, input_len=input_len, input_broadcast=input_broadcast)).eval()
+                         example_len=example_len, input_len=input_len, input_broadcast=input_broadcast,
+                         token_shift=token_shift)).eval()
 
 
 @PROPERTY
@@ -273,6 +275,17 @@ def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
         moved = (model.embed(idx, 0, model.packed_layout(0, 20)) != model.embed(changed, 0, model.packed_layout(0, 20)))
     # positions: 3 per example (packed input, then 2 answer-side tokens); the second example's move, no other
     assert moved.any(-1)[0].tolist() == [False] * 3 + [True] * 3 + [False] * 6
+
+
+@pytest.mark.parametrize("encoding", [(0, 0, False, True), (5, 0, False, True)])
+def test_token_shift_puts_each_token_in_its_own_position_and_the_next(encoding):
+    model = tiny_model(*encoding)
+    idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, 7] = (idx[0, 7] + 1) % 5
+    with torch.no_grad():
+        moved = (model.embed(idx, 0) != model.embed(changed, 0)).any(-1)[0]
+    assert moved.nonzero().flatten().tolist() == [7, 8]
 
 
 @PROPERTY
@@ -345,6 +358,7 @@ def run_cli(*args, cwd=None):
     (["--width", "100", "--n-heads", "3"], "not divisible"),
     (["--lr", "0"], "lr must be positive"),
     (["--embedding-std", "0"], "embedding-std must be positive"),
+    (["--weight-decay", "-0.1"], "weight-decay must not be negative"),
     (["--resume", "no/such/file.pt"], "does not exist"),
     (["--curriculum", "-0.5"], "curriculum must be a fraction"),
     (["--curriculum", "1.5"], "curriculum must be a fraction"),
