@@ -76,8 +76,9 @@ def build_translation(args):
 FAMILIES = {
     # The CPU default (results/search.md has the search): ordered 3-tuples of 7 coordinates, trained on
     # 3 d ln d = 41 of the 210 tasks (every (step, option) pair covered). Each input is broadcast to its
-    # answers and the embeddings start large (0.3), which lets the in-context circuit form at all;
-    # 16 examples per sample make the task readable enough off the context for it to keep sharpening.
+    # answers and the embeddings start large (0.3), which lets the in-context circuit form at all; 20
+    # examples per sample make the task readable enough off the context for it to keep sharpening; the
+    # token shift and weight decay make the XOR steps form on every seed tried (0-4: 0.92-0.97).
     "parity": Family(add_parity_args, build_parity,
                      dict(d=7, unsorted=True, n_train_tasks="3dlogd", context_length=20, position="broadcast",
                           embedding_std=0.3, token_shift=True, weight_decay=0.1, steps=8000, eval_every=2000)),

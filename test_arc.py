@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, coverage, parse_task_count, run_split, split_tasks, train
+from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, build_model, coverage, make_optimizer,
+                 parse_task_count, run_split, split_tasks, train)
 from gpt import GPT, GPTConfig
 from tasks import ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, Arithmetic, SparseParity, Translation, make_batch
 
@@ -317,6 +318,21 @@ def small_config(**overrides):
                   eval_samples=16, warmup_steps=2)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def test_weight_decay_shrinks_matrices_and_embeddings_but_not_biases_or_norms():
+    cfg = small_config(position="broadcast", token_shift=True, weight_decay=0.5, lr=0.1)
+    model = build_model(SparseParity(5, 2), cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = make_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: whatever moves is weight decay
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:  # matrices and embeddings (the tied head among them)
+            assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)) and not torch.equal(p, before[name]), name
+        else:  # biases and LayerNorm gains
+            assert torch.equal(p, before[name]), name
 
 
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
