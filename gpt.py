@@ -44,8 +44,9 @@ class GPTConfig:
     # shift", as in RWKV). In the context, an answer step and the step before it then meet in one
     # residual vector from the first layer on, so how they relate (the XOR of a parity step, the
     # operation of an arithmetic step) can be read there without first growing a previous-token
-    # attention head. Measured here (results/search.md, seventh session): with weight decay, it took a
-    # parity seed stuck on the XOR steps from 0.51 to 0.85 on unseen tasks.
+    # attention head. With packed inputs it is added before the input broadcast, so the vector an input
+    # broadcasts also carries the shifted-in previous token. Measured here (results/search.md, seventh
+    # session): with weight decay, it took a parity seed stuck on the XOR steps from 0.51 to 0.85.
     token_shift: bool = False
     # Initial std of every embedding (tokens, positions, packed inputs). GPT-2 uses 0.02. With the
     # output head tied to the token embedding, larger ones also make the head's logits larger at first.
