@@ -143,6 +143,9 @@ class TrainConfig:
     steps: int = 5000
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
     curriculum: float = 0.0  # > 0: this fraction of the steps widens from 3 training tasks to all (3 for its first half)
+    # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
+    # easiest to its true distribution: the easiest for its first 30%, then a linear ramp
+    input_curriculum: float = 0.0
     eval_every: int = 500
     eval_samples: int = 2000  # samples per task group at the final evaluation
     seed: int = 0
@@ -169,8 +172,12 @@ class TrainConfig:
             raise ValueError(f"bf16 autocast is supported here on cpu and cuda, not {self.device}")
         if not 0 <= self.curriculum <= 1:
             raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {self.curriculum}")
+        if not 0 <= self.input_curriculum <= 1:
+            raise ValueError(f"input-curriculum must be a fraction of the steps in [0, 1], got {self.input_curriculum}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
+        if self.n_train_total is not None and self.input_curriculum:
+            raise ValueError("input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total")
 
 
 def build_model(family, cfg):
@@ -217,6 +224,15 @@ class TrainingData:
         half = steps // 2  # 3 tasks for the first half, then more and more
         return min(n_tasks, 3 + (n_tasks - 3) * max(0, step - half) // max(1, half))
 
+    def difficulty_at(self, step):
+        """The inputs' difficulty at step (ARCFamily.sample): 1, but during an input curriculum."""
+        steps = self.cfg.input_curriculum * self.cfg.steps
+        if step >= steps:
+            return 1.0
+        # The easiest inputs first, long enough for the step rules to be read off them, then harder
+        # and harder ones, so that the reading has to sharpen rather than appear.
+        return max(0.0, (step / steps - 0.3) / 0.7)
+
     def next_batch(self, step):
         if self.dataset is not None:
             rows = torch.randint(0, self.n_tasks_at(step) * self.per_task, (self.cfg.batch_size,), generator=self.generator,
@@ -224,7 +240,8 @@ class TrainingData:
             return self.dataset[rows]
         picks = torch.randint(0, self.n_tasks_at(step), (self.cfg.batch_size,), generator=self.generator,
                               device=self.tasks.device)
-        return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator).tokens
+        return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator,
+                          self.difficulty_at(step)).tokens
 
 
 def answer_positions(family, cfg, device):

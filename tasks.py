@@ -43,8 +43,12 @@ class ARCFamily:
         """Every task, as an int array (n_tasks, T), in a fixed deterministic order."""
         raise NotImplementedError
 
-    def sample(self, tasks, n_examples, generator):
+    def sample(self, tasks, n_examples, generator, difficulty=1.0):
         """Draw n_examples fresh inputs for each task of tasks (B, T), a long tensor.
+
+        difficulty in [0, 1], for training curricula: 1 is the family's input distribution, the
+        only one evaluation uses; a family with easier inputs draws them below 1 (the easiest at 0),
+        one without ignores it.
 
         Returns (inputs, answers): token ids of shape (B, n_examples, input_len) and
         (B, n_examples, n_answer_steps, tokens_per_step), on tasks' device.
@@ -70,13 +74,13 @@ class Batch:
     tokens_per_step: int  # answer token j belongs to step j // tokens_per_step
 
 
-def make_batch(family, tasks, n_examples, cot, generator):
+def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
     """N examples of each task, concatenated: input tokens, separator, answer tokens.
 
     With cot the answer is every step y_1..y_T; without, only the last step y_T.
-    The last example is the query that evaluation scores.
+    The last example is the query that evaluation scores. difficulty: see ARCFamily.sample.
     """
-    inputs, answers = family.sample(tasks, n_examples, generator)
+    inputs, answers = family.sample(tasks, n_examples, generator, difficulty)
     if not cot:
         answers = answers[:, :, -1:]
     answers = answers.flatten(2)
@@ -114,7 +118,7 @@ class SparseParity(ARCFamily):
         tuples = itertools.permutations if self.unsorted else itertools.combinations
         return np.array(list(tuples(range(self.d), self.k)), dtype=np.int64).reshape(-1, self.k)
 
-    def sample(self, tasks, n_examples, generator):
+    def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B = tasks.size(0)
         x = torch.randint(0, 2, (B, n_examples, self.d), generator=generator, device=tasks.device)
         chosen = x.gather(2, tasks[:, None, :].expand(B, n_examples, self.k))
@@ -155,9 +159,17 @@ class Arithmetic(ARCFamily):
     def all_tasks(self):
         return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
 
-    def sample(self, tasks, n_examples, generator):
+    def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, p = tasks.size(0), self.modulus
         x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator, device=tasks.device)
+        if difficulty < 1:
+            # Easier inputs: operands x_1..x_T from 1..k only, k growing with difficulty from 1 to p - 1.
+            # Small operands make add and sub move y in opposite directions, so a step's operation shows
+            # in the pair (y_t-1, y_t) alone; uniform operands leave only the three-way check
+            # y_t = y_t-1 +- x_t, which training does not find from scratch (README, arithmetic).
+            largest = 1 + int(difficulty * (p - 1))
+            x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps), generator=generator,
+                                        device=tasks.device)
         y, steps = x[:, :, 0], []
         for t in range(self.n_steps):  # steps are sequential by definition; each is one batched op
             every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
@@ -211,7 +223,7 @@ class Translation(ARCFamily):
     def all_tasks(self):
         return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
 
-    def sample(self, tasks, n_examples, generator):
+    def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, device = tasks.size(0), tasks.device
         meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator, device=device)
         language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
