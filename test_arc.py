@@ -454,7 +454,7 @@ def test_arithmetic_reads_add_or_sub_off_the_context():
                        token_shift=True, input_curriculum=0.5)
     results = run_split(family, split, cfg, log=lambda _: None)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
-    assert results["unseen_tasks"]["exact_match_generated"] > 0.8
+    assert results["unseen_tasks"]["exact_match_generated"] > 0.75
 
 
 def test_parity_learns_to_infer_the_task_from_context():
