@@ -199,6 +199,9 @@ def learning_rate(step, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+EASIEST_INPUTS = 0.3  # the share of an input curriculum spent on the family's easiest inputs
+
+
 class TrainingData:
     """Training batches: fresh samples of uniformly drawn training tasks, or rows of a fixed dataset;
     during a curriculum, of the first n_tasks_at(step) training tasks only."""
@@ -231,7 +234,7 @@ class TrainingData:
             return 1.0
         # The easiest inputs first, long enough for the step rules to be read off them, then harder
         # and harder ones, so that the reading has to sharpen rather than appear.
-        return max(0.0, (step / steps - 0.3) / 0.7)
+        return max(0.0, (step / steps - EASIEST_INPUTS) / (1 - EASIEST_INPUTS))
 
     def next_batch(self, step):
         if self.dataset is not None:
@@ -355,7 +358,8 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     start_step, elapsed_before = 0, 0.0
     if checkpoint.resume:
         state = torch.load(checkpoint.resume, map_location=device, weights_only=False)
-        differing = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k != "device" and getattr(cfg, k) != v}
+        saved = {**asdict(TrainConfig()), **state["config"]}  # a setting newer than the checkpoint had its default
+        differing = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k != "device" and getattr(cfg, k) != v}
         if differing:
             raise ValueError(f"checkpoint {checkpoint.resume} was written with other settings (saved, now): {differing}")
         model.load_state_dict(state["model"])

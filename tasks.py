@@ -165,8 +165,8 @@ class Arithmetic(ARCFamily):
         if difficulty < 1:
             # Easier inputs: operands x_1..x_T from 1..k only, k growing with difficulty from 1 to p - 1.
             # Small operands make add and sub move y in opposite directions, so a step's operation shows
-            # in the pair (y_t-1, y_t) alone; uniform operands leave only the three-way check
-            # y_t = y_t-1 +- x_t, which training does not find from scratch (README, arithmetic).
+            # in the pair (y_(t-1), y_t) alone; uniform operands leave only the three-way check
+            # y_t = y_(t-1) +- x_t, which training does not find from scratch (README, arithmetic).
             largest = 1 + int(difficulty * (p - 1))
             x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps), generator=generator,
                                         device=tasks.device)

@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, build_model, coverage, make_optimizer,
-                 parse_task_count, run_split, split_tasks, train)
+from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, build_model, coverage, evaluate,
+                 make_optimizer, parse_task_count, run_split, split_tasks, train)
 from gpt import GPT, GPTConfig
 from tasks import ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, Arithmetic, SparseParity, Translation, make_batch
 
@@ -366,6 +366,13 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
         assert resumed[group] == uninterrupted[group]
     with pytest.raises(ValueError, match="other settings"):
         train(family, split, small_config(lr=1e-2), Checkpoint(resume=str(half)), log=lambda _: None)
+    # A checkpoint older than a setting was written with that setting's default, and says so.
+    state = torch.load(half, weights_only=False)
+    del state["config"]["weight_decay"]
+    torch.save(state, half)
+    with pytest.raises(ValueError, match="weight_decay"):
+        train(family, split, small_config(weight_decay=0.1), Checkpoint(resume=str(half)), log=lambda _: None)
+    assert train(family, split, small_config(), Checkpoint(resume=str(half)), log=lambda _: None)[1]["steps"] == 6
 
 
 def run_cli(*args, cwd=None):
@@ -526,6 +533,20 @@ def test_input_curriculum_holds_the_easiest_inputs_then_ramps_to_the_true_ones()
     assert {plain.difficulty_at(step) for step in range(200)} == {1.0}
     operands = data.next_batch(0).view(-1, family.example_len(True))[:, 1:3]
     assert (operands == 1).all()
+    after = torch.cat([data.next_batch(step) for step in range(100, 130)]).view(-1, family.example_len(True))[:, 1:3]
+    assert set(after.unique().tolist()) == set(range(10))  # the true operands, 0 included
+
+
+def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
+    family = Arithmetic(("add", "sub"), 2)
+    split = split_tasks(family.all_tasks(), 2, seed=0)
+    cfg = small_config(input_curriculum=1.0)
+    model = build_model(family, cfg)
+    difficulties = []
+    true_sample = family.sample
+    family.sample = lambda *args: difficulties.append(args[-1]) or true_sample(*args)
+    evaluate(model, family, split.test, cfg, torch.Generator().manual_seed(0), n_samples=8)
+    assert difficulties and set(difficulties) == {1.0}
 
 
 def test_every_experiment_configuration_is_a_valid_run():
