@@ -199,7 +199,13 @@ def learning_rate(step, cfg):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-EASIEST_INPUTS = 0.3  # the share of an input curriculum spent on the family's easiest inputs
+def curriculum_progress(step, fraction, steps, hold):
+    """How far a curriculum over the first `fraction` of `steps` training steps is at step: 0 for
+    its first `hold` share, then linear to 1 at its end; 1 after it, and without one."""
+    length = fraction * steps
+    if step >= length:
+        return 1.0
+    return max(0.0, (step / length - hold) / (1 - hold))
 
 
 class TrainingData:
@@ -219,22 +225,16 @@ class TrainingData:
 
     def n_tasks_at(self, step):
         """How many of the training tasks (the first ones) step draws from: all, but during a curriculum."""
-        n_tasks, steps = len(self.tasks), round(self.cfg.curriculum * self.cfg.steps)
-        if step >= steps:
-            return n_tasks
-        # A few tasks first: telling 3 tasks apart from the context is learned within minutes,
-        # and the context-reading circuit then has to widen, not appear, as tasks join.
-        half = steps // 2  # 3 tasks for the first half, then more and more
-        return min(n_tasks, 3 + (n_tasks - 3) * max(0, step - half) // max(1, half))
+        # A few tasks first (3 for the first half): telling 3 tasks apart from the context is learned
+        # within minutes, and the context-reading circuit then has to widen, not appear, as tasks join.
+        progress = curriculum_progress(step, self.cfg.curriculum, self.cfg.steps, hold=0.5)
+        return min(len(self.tasks), 3 + int((len(self.tasks) - 3) * progress))
 
     def difficulty_at(self, step):
         """The inputs' difficulty at step (ARCFamily.sample): 1, but during an input curriculum."""
-        steps = self.cfg.input_curriculum * self.cfg.steps
-        if step >= steps:
-            return 1.0
-        # The easiest inputs first, long enough for the step rules to be read off them, then harder
-        # and harder ones, so that the reading has to sharpen rather than appear.
-        return max(0.0, (step / steps - EASIEST_INPUTS) / (1 - EASIEST_INPUTS))
+        # The easiest inputs first (for 30%), long enough for the step rules to be read off them, then
+        # harder and harder ones, so that the reading has to sharpen rather than appear.
+        return curriculum_progress(step, self.cfg.input_curriculum, self.cfg.steps, hold=0.3)
 
     def next_batch(self, step):
         if self.dataset is not None:
