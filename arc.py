@@ -5,9 +5,11 @@ Data flows one way: a family's tasks are split into training and unseen test tas
 tokens, and `evaluate` scores the query of fresh samples. Results are plain dicts.
 """
 
+import bisect
 import json
 import math
 import os
+import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,8 @@ class Exclusion:
             for value in (a, b):
                 if not 0 <= value < n_options:
                     raise ValueError(f"missing-pair values must be in 0..{n_options - 1}, got {value}")
+            if n_steps < 2:
+                raise ValueError("missing-pair needs tasks of at least 2 steps: with 1, no task contains two values")
 
     def any(self):
         return self.missing_coordinate is not None or self.missing_pair is not None
@@ -73,34 +77,93 @@ class Exclusion:
             removed |= (tasks == a).any(axis=1) & (tasks == b).any(axis=1)
         return removed
 
+    def n_excluded(self, universe):
+        """How many tasks of the universe it removes, counted (not listed) by inclusion and exclusion."""
+        fixed = None if self.missing_coordinate is None else (self.missing_coordinate[0] - 1, self.missing_coordinate[1])
+
+        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) that use both options of the pair
+            a, b = self.missing_pair
+            return sum(sign * universe.count(fixed, avoid) for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
+
+        if self.missing_pair is None:
+            return 0 if fixed is None else universe.count(fixed)
+        if fixed is None:
+            return containing_pair(None)
+        return universe.count(fixed) + containing_pair(None) - containing_pair(fixed)
+
 
 @dataclass
 class TaskSplit:
-    train: np.ndarray  # (n_train, T)
-    test: np.ndarray  # (n_test, T)
+    train: np.ndarray  # (n_train, T), in rank order
+    test: np.ndarray  # (n_test, T), in the order drawn
     test_excluded: np.ndarray  # (n_test,) bool: out of distribution under the exclusion
+    uncovered: list  # the (step, option) pairs some task uses but no training task does
+    test_uncovered: np.ndarray  # (n_test,) bool: the test task uses an uncovered pair
     n_total: int
 
 
-def split_tasks(all_tasks, n_train, seed, exclusion=Exclusion(), max_test=200):
-    """ARC.md section 4: test tasks first, uniformly; training tasks from the allowed rest."""
-    n_total = len(all_tasks)
+MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused, not attempted
+
+
+def random_below(rng, n):
+    """A uniform integer in 0..n-1, of any size (Python integers), from rng's random bytes."""
+    n_bytes = (n.bit_length() + 7) // 8
+    while True:
+        r = int.from_bytes(rng.bytes(n_bytes), "little") >> (8 * n_bytes - n.bit_length())
+        if r < n:
+            return r
+
+
+def uniform_ranks(rng, n, count):
+    """count distinct integers of 0..n-1, uniformly, in the order drawn. numpy's choice uses Floyd's
+    algorithm past 10,000, so the cost grows with count, not n; past int64, rejection does the same."""
+    if n < 2**63:
+        return [int(r) for r in rng.choice(n, count, replace=False)]
+    drawn = {}  # a dict keeps the draw order
+    while len(drawn) < count:
+        drawn[random_below(rng, n)] = None
+    return list(drawn)
+
+
+def nth_untaken(positions, taken):
+    """For each j of positions, the j-th (0-based) non-negative integer that is not in taken."""
+    # below the i-th smallest taken integer t_i lie t_i - i untaken ones; the j-th untaken integer
+    # is j plus the number of taken integers with fewer than j + 1 untaken below them
+    untaken_below = [t - i for i, t in enumerate(sorted(taken))]
+    return [j + bisect.bisect_right(untaken_below, j) for j in positions]
+
+
+def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
+    """Up to max_test test tasks first, uniformly; then n_train training tasks, uniformly from the rest
+    that the exclusion allows. The universe is never listed: ranks are drawn, then unranked."""
+    n_total = universe.size
     if n_train >= n_total:
         raise ValueError(f"asked for {n_train} training tasks but only {n_total} tasks exist, leaving none to test")
     rng = np.random.default_rng(seed)
     n_test = min(max_test, n_total - n_train)
-    test_index = rng.choice(n_total, size=n_test, replace=False)
-    excluded = exclusion.excludes(all_tasks)
-    candidates = np.ones(n_total, dtype=bool)
-    candidates[test_index] = False
-    candidates &= ~excluded
-    allowed = np.flatnonzero(candidates)
-    if len(allowed) < n_train:
+    test_ranks = uniform_ranks(rng, n_total, n_test)
+    test = universe.tuples(test_ranks)
+    test_excluded = exclusion.excludes(test)
+    n_allowed = n_total - exclusion.n_excluded(universe) - int((~test_excluded).sum())
+    if n_allowed < n_train:
         raise ValueError(
-            f"the exclusion leaves {len(allowed)} possible training tasks (of {n_total}, {n_test} kept for testing), "
+            f"the exclusion leaves {n_allowed} possible training tasks (of {n_total}, {n_test} kept for testing), "
             f"fewer than the {n_train} asked for")
-    train_index = rng.choice(allowed, size=n_train, replace=False)
-    return TaskSplit(all_tasks[np.sort(train_index)], all_tasks[test_index], excluded[test_index], n_total)
+    if not exclusion.any():
+        train_ranks = nth_untaken(uniform_ranks(rng, n_total - n_test, n_train), test_ranks)
+    else:  # by rejection: uniform over the allowed tasks, as long as they are not too rare to find
+        if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):
+            raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks of {n_total}: too few to draw "
+                             f"{n_train} of them at random; ask for fewer or exclude less")
+        taken, train_ranks = set(test_ranks), []
+        while len(train_ranks) < n_train:
+            rank = random_below(rng, n_total)
+            if rank not in taken and not exclusion.excludes(universe.tuples([rank]))[0]:
+                taken.add(rank)
+                train_ranks.append(rank)
+    train = universe.tuples(sorted(train_ranks))
+    uncovered = coverage(train, universe)
+    return TaskSplit(train, test, test_excluded, uncovered, uses_any(test, uncovered), n_total)
 
 
 def step_options(tasks):
@@ -108,12 +171,19 @@ def step_options(tasks):
     return {(t + 1, option) for task in np.asarray(tasks).tolist() for t, option in enumerate(task)}
 
 
-def coverage(train_tasks, family):
-    """The (step, option) pairs that some task of the family uses but no training task does: what the
-    coupon-collector argument is about. (Sorted parity tuples make some pairs rare: theta_1 = d-k
-    occurs in one task only, so a few dozen training tasks seldom cover every pair.)"""
-    return sorted(step_options(family.all_tasks()) - step_options(train_tasks))
+def coverage(train_tasks, universe):
+    """The (step, option) pairs that some task of the universe uses but no training task does: what
+    the coupon-collector argument is about. Taken from the universe's rule, not a list of its tasks.
+    (Sorted tuples make some pairs rare: theta_1 = d-k occurs in one task only, so a few dozen
+    training tasks seldom cover every pair.)"""
+    possible = {(t + 1, option) for t in range(universe.k) for option in universe.options(t)}
+    return sorted(possible - step_options(train_tasks))
 
+
+def uses_any(tasks, pairs):
+    """Bool array (n,): which tasks (n, T) use one of the (step, option) pairs."""
+    pairs = set(pairs)
+    return np.array([bool(step_options([task]) & pairs) for task in np.asarray(tasks).tolist()], dtype=bool)
 
 
 # ----------------------------------------------------------------------------- training
@@ -420,14 +490,18 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
 
 
 def run_split(family, split, cfg, exclusion=Exclusion(), checkpoint=Checkpoint(), log=print):
-    """Train, then score fresh samples of the training tasks and of the unseen tasks
-    (and, under an exclusion, of its in- and out-of-distribution unseen tasks apart)."""
+    """Train, then score fresh samples of the training tasks and of the unseen tasks (and apart:
+    under an exclusion, its in- and out-of-distribution unseen tasks; where training missed some
+    (step, option) pairs, the unseen tasks whose every pair it covered and those that use one it missed)."""
     model, results = train(family, split, cfg, checkpoint, log)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     groups = {"train_tasks": split.train, "unseen_tasks": split.test}
     if exclusion.any():
         groups["unseen_in_distribution"] = split.test[~split.test_excluded]
         groups["unseen_out_of_distribution"] = split.test[split.test_excluded]
+    if split.uncovered:  # what the theory expects to be solved, and what it does not
+        groups["unseen_covered"] = split.test[~split.test_uncovered]
+        groups["unseen_uncovered"] = split.test[split.test_uncovered]
     for name, tasks in groups.items():
         if len(tasks):
             results[name] = evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
@@ -493,19 +567,20 @@ def hf_gpt2_speedup(model, optimizer_cfg, tokens, positions, precision, rounds=3
                 speedup_vs_hf_both_fp32=best["hf"] / best["ours_fp32"])
 
 
-def benchmark(family, cfg, repeats=5):
+def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     """Training, decoding and data-generation speed of one configuration on cfg.device.
-    Training is timed in fp32 and in bf16 autocast; the faster is the headline."""
+    Training is timed in each of precisions (bf16: autocast); the fastest is the headline."""
     device = torch.device(cfg.device)
     generator = torch.Generator(device=device).manual_seed(0)
     model = build_model(family, cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    tasks = torch.as_tensor(family.all_tasks(), device=device)
-    tasks = tasks[torch.randint(len(tasks), (cfg.batch_size,), generator=generator, device=device)]
+    rng = random.Random(0)
+    ranks = [rng.randrange(family.universe.size) for _ in range(cfg.batch_size)]
+    tasks = torch.as_tensor(family.universe.tuples(ranks), device=device)
     batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
     positions = answer_positions(family, cfg, device)
     step_seconds = {precision: timed(lambda: train_step(model, optimizer, batch.tokens, positions, cfg.grad_clip, precision),
-                                     repeats, device) for precision in ("fp32", "bf16")}
+                                     repeats, device) for precision in precisions}
     precision = min(step_seconds, key=step_seconds.get)
     n_tokens = batch.tokens.size(0) * (batch.tokens.size(1) - 1)
     # Training FLOPs per token: 6 per weight (forward and backward) plus attention's
@@ -517,7 +592,8 @@ def benchmark(family, cfg, repeats=5):
     n_weights = sum(p.numel() for name, p in model.named_parameters()
                     if not name.startswith(("wpe", "wte_input")))  # lookups, no matmul; wte is also the head
     flops_per_position = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {precision: matmul_peak(device, dtypes[precision]) for precision in precisions}
     achieved = flops_per_position * batch.tokens.size(0) * seq / step_seconds[precision]
     prefix = batch.tokens[:, :-batch.answer_len]
     model.eval()

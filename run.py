@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from arc import (POSITIONS, Checkpoint, Exclusion, TrainConfig, atomic_write, benchmark, coverage, parse_task_count,
-                 run_split, save_json, split_tasks, step_options)
+                 run_split, save_json, split_tasks)
 from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -184,7 +184,8 @@ def train_config(args):
 
 def print_table(results):
     log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step (generated)")
-    for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution", "unseen_out_of_distribution"):
+    for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution", "unseen_out_of_distribution",
+                  "unseen_covered", "unseen_uncovered"):
         if group in results:
             r = results[group]
             steps = " ".join(f"{p:.3f}" for p in r["per_step"])
@@ -204,7 +205,7 @@ def prepare_run(args):
         raise ValueError(f"n-test-tasks must be at least 1, got {args.n_test_tasks}")
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume file {args.resume} does not exist")
-    split = split_tasks(family.all_tasks(), n_train, args.seed, exclusion, max_test=args.n_test_tasks)
+    split = split_tasks(family.universe, n_train, args.seed, exclusion, max_test=args.n_test_tasks)
     return family, cfg, exclusion, split
 
 
@@ -214,16 +215,14 @@ def run_family(args):
     out = args.out or os.path.join("results", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
-    uncovered = coverage(split.train, family)
-    if uncovered:
-        hit = sum(bool(step_options([task]) & set(uncovered)) for task in split.test)
-        log(f"note: no training task has the (step, option) pairs {uncovered}; {hit} of the {len(split.test)} unseen "
-            f"tasks use one, and the ARC theory does not expect those to be solved")
+    if split.uncovered:
+        log(f"note: no training task has the (step, option) pairs {split.uncovered}; {split.test_uncovered.sum()} of the "
+            f"{len(split.test)} unseen tasks use one, and the ARC theory does not expect those to be solved")
     checkpoint = Checkpoint(path=args.save or args.resume, resume=args.resume)
     results = run_split(family, split, cfg, exclusion, checkpoint, log)
     results = dict(config=vars(args), family=args.family, n_total_tasks=split.n_total, n_train_tasks=len(split.train),
                    n_test_tasks=len(split.test), train_task_list=split.train.tolist(),
-                   test_task_list=split.test.tolist(), uncovered_step_options=uncovered, **results)
+                   test_task_list=split.test.tolist(), uncovered_step_options=split.uncovered, **results)
     save_json(out, results)
     print_table(results)
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training tokens/s; results in {out}")
@@ -312,9 +311,7 @@ EXPERIMENTS = {
 
 def coverage_probability(family, n_train, n_test, trials=200):
     """P(n_train training tasks drawn by split_tasks cover every possible (step, option) pair), by simulation."""
-    tasks = family.all_tasks()
-    possible = step_options(tasks)
-    covered = sum(step_options(split_tasks(tasks, n_train, seed, max_test=n_test).train) == possible for seed in range(trials))
+    covered = sum(not split_tasks(family.universe, n_train, seed, max_test=n_test).uncovered for seed in range(trials))
     return covered / trials
 
 
@@ -359,7 +356,7 @@ def run_experiment(args):
         if "unseen_out_of_distribution" in first:
             extra.append(f"ID {first['unseen_in_distribution']['exact_match_generated']:.3f}, "
                          f"OOD {first['unseen_out_of_distribution']['exact_match_generated']:.3f}")
-        uncovered = coverage(first["train_task_list"], family)
+        uncovered = coverage(first["train_task_list"], family.universe)
         extra.append(f"uncovered (step, option) pairs (seed 0): {uncovered if len(uncovered) <= 12 else len(uncovered)}")
         if args.family == "scaling":
             extra += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]

@@ -1,8 +1,8 @@
 """ARC task families and the one sequence format they share.
 
 A family has D options per step and T steps; a task is a tuple theta = (theta_1..theta_T),
-each theta_t an option index in 0..D-1. A family says how its tasks are enumerated, how an
-input x is drawn, and how each answer step y_t follows from (x, y_<t, theta_t). Everything
+each theta_t an option index in 0..D-1. A family says which tuples are its tasks (its
+universe, indexed by rank and never listed), how an input x is drawn, and how each answer step y_t follows from (x, y_<t, theta_t). Everything
 else (the sequence of N examples, chain of thought or answer only, the loss mask) is
 `make_batch`, written once for every family.
 
@@ -10,7 +10,7 @@ Samplers are vectorized: a whole batch of tasks becomes a batch of sequences in 
 tensor operations, generated directly on the training device.
 """
 
-import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +19,126 @@ import torch
 SEPARATOR = "<sep>"
 
 
+# ----------------------------------------------------------------------------- task universes
+# A universe is every tuple (theta_1..theta_T) of a family, indexed, never listed: rank r in
+# 0..size-1 <-> tuple, in Python integers, so that even C(100, 50) tasks cost nothing until drawn.
+
+
+class TaskUniverse:
+    """Tuples of T = k steps, each one of D = n options. Subclasses give the size, the
+    rank <-> tuple bijection, and how many tuples fix one step and avoid some options."""
+
+    def __init__(self, n, k):
+        self.n, self.k = n, k
+
+    def count(self, fixed=None, avoid=()):
+        """How many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no option
+        of the set avoid: what exclusions are counted with, by inclusion and exclusion."""
+        raise NotImplementedError
+
+    @property
+    def size(self):
+        return self.count()
+
+    def options(self, t):
+        """The options step t (0-based) takes in some tuple."""
+        return range(self.n)
+
+    def tuples(self, ranks):
+        """The tuples of ranks, as an int array (len(ranks), T)."""
+        return np.array([self.unrank(r) for r in ranks], dtype=np.int64).reshape(-1, self.k)
+
+
+class SortedTuples(TaskUniverse):
+    """k distinct options in increasing order: C(n, k) tuples, ranked by the combinatorial number
+    system, rank = sum_i C(theta_i, i + 1) (the colexicographic order)."""
+
+    def count(self, fixed=None, avoid=()):
+        free = [o for o in range(self.n) if o not in avoid]
+        if fixed is None:
+            return math.comb(len(free), self.k)
+        c, v = fixed
+        if v not in free:
+            return 0
+        below = sum(o < v for o in free)
+        return math.comb(below, c) * math.comb(len(free) - below - 1, self.k - 1 - c)
+
+    def options(self, t):
+        return range(t, self.n - self.k + t + 1)  # t smaller options before it, k - 1 - t larger after
+
+    def rank(self, task):
+        return sum(math.comb(option, i + 1) for i, option in enumerate(task))
+
+    def unrank(self, r):
+        task = []
+        for i in reversed(range(self.k)):  # the largest option first: the largest c with C(c, i + 1) <= r
+            low, high = i, self.n - 1
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if math.comb(mid, i + 1) <= r else (low, mid - 1)
+            task.append(low)
+            r -= math.comb(low, i + 1)
+        return tuple(reversed(task))
+
+
+class OrderedTuples(TaskUniverse):
+    """k distinct options in any order: n! / (n-k)! tuples, ranked in the factorial base (digit i
+    picks among the n - i options still unused), which is lexicographic order."""
+
+    def count(self, fixed=None, avoid=()):
+        free = sum(o not in avoid for o in range(self.n))
+        if fixed is None:
+            return math.perm(free, self.k)
+        return math.perm(free - 1, self.k - 1) if fixed[1] not in avoid else 0
+
+    def rank(self, task):
+        r, unused = 0, list(range(self.n))
+        for i, option in enumerate(task):
+            r += unused.index(option) * math.perm(self.n - i - 1, self.k - i - 1)
+            unused.remove(option)
+        return r
+
+    def unrank(self, r):
+        task, unused = [], list(range(self.n))
+        for i in range(self.k):
+            digit, r = divmod(r, math.perm(self.n - i - 1, self.k - i - 1))
+            task.append(unused.pop(digit))
+        return tuple(task)
+
+
+class AllTuples(TaskUniverse):
+    """Any option at every step, repeats allowed: n^k tuples, ranked in base n (lexicographic)."""
+
+    def count(self, fixed=None, avoid=()):
+        free = sum(o not in avoid for o in range(self.n))
+        if fixed is None:
+            return free ** self.k
+        return free ** (self.k - 1) if fixed[1] not in avoid else 0
+
+    def rank(self, task):
+        r = 0
+        for option in task:
+            r = r * self.n + option
+        return r
+
+    def unrank(self, r):
+        task = []
+        for _ in range(self.k):
+            r, option = divmod(r, self.n)
+            task.append(option)
+        return tuple(reversed(task))
+
+
+# ----------------------------------------------------------------------------- families
+
 class ARCFamily:
     """The interface every family implements.
 
-    Subclasses set in __init__: `name`, `n_options` (D), `n_steps` (T), `input_len` (tokens
-    of one input x), `n_answer_steps` and `tokens_per_step` (the answer with chain of thought
-    is n_answer_steps x tokens_per_step tokens; without it, the last step's tokens only),
-    and call `super().__init__(tokens)` with their vocabulary. They implement `all_tasks`
-    and `sample`.
+    Subclasses set in __init__: `name`, `universe` (a TaskUniverse of D options and T steps),
+    `input_len` (tokens of one input x), `n_answer_steps` and `tokens_per_step` (the answer
+    with chain of thought is n_answer_steps x tokens_per_step tokens; without it, the last
+    step's tokens only), and call `super().__init__(tokens)` with their vocabulary. They
+    implement `sample`.
     """
 
     def __init__(self, tokens):
@@ -39,9 +151,13 @@ class ARCFamily:
     def vocab_size(self):
         return len(self.tokens)
 
-    def all_tasks(self):
-        """Every task, as an int array (n_tasks, T), in a fixed deterministic order."""
-        raise NotImplementedError
+    @property
+    def n_options(self):
+        return self.universe.n
+
+    @property
+    def n_steps(self):
+        return self.universe.k
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         """Draw n_examples fresh inputs for each task of tasks (B, T), a long tensor.
@@ -109,14 +225,10 @@ class SparseParity(ARCFamily):
         if not 1 <= k <= d:
             raise ValueError(f"k must be between 1 and d={d}, got {k}")
         self.name = "parity"
-        self.d, self.k, self.unsorted = d, k, unsorted
-        self.n_options, self.n_steps = d, k
+        self.d, self.k = d, k
+        self.universe = OrderedTuples(d, k) if unsorted else SortedTuples(d, k)
         self.input_len, self.n_answer_steps, self.tokens_per_step = d, k, 1
         super().__init__(["0", "1"])  # token id == bit value
-
-    def all_tasks(self):
-        tuples = itertools.permutations if self.unsorted else itertools.combinations
-        return np.array(list(tuples(range(self.d), self.k)), dtype=np.int64).reshape(-1, self.k)
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B = tasks.size(0)
@@ -152,12 +264,9 @@ class Arithmetic(ARCFamily):
             raise ValueError(f"modulus must be at least 2, got {modulus}")
         self.name = "arithmetic"
         self.ops, self.modulus = list(ops), modulus
-        self.n_options, self.n_steps = len(ops), n_steps
+        self.universe = AllTuples(len(ops), n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = n_steps + 1, n_steps, 1
         super().__init__([str(r) for r in range(modulus)])  # token id == residue
-
-    def all_tasks(self):
-        return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, p = tasks.size(0), self.modulus
@@ -210,7 +319,7 @@ class Translation(ARCFamily):
             raise ValueError(f"steps-per-task must be at least 2 (the query shows step 1), got {n_steps}")
         self.name = "translation"
         self.languages = LANGUAGES[:n_languages]
-        self.n_options, self.n_steps = n_languages, n_steps
+        self.universe = AllTuples(n_languages, n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
         tags = [f"<{language}>" for language in self.languages]
         words = list(dict.fromkeys(w for language in self.languages for w in WORDS[language].split()))
@@ -219,9 +328,6 @@ class Translation(ARCFamily):
         # (D, n_meanings) token id of each meaning's word in each language; (D,) tag ids
         self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()] for language in self.languages])
         self.tag_ids = torch.arange(n_languages)
-
-    def all_tasks(self):
-        return np.array(list(itertools.product(range(self.n_options), repeat=self.n_steps)), dtype=np.int64)
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, device = tasks.size(0), tasks.device
