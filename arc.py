@@ -11,6 +11,8 @@ import math
 import os
 import random
 import re
+import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -325,8 +327,11 @@ def answer_positions(family, cfg, device):
     return probe.answer_mask[1:].nonzero().squeeze(1)
 
 
+EVAL_BATCH_TOKENS = 2**17  # an evaluation batch holds at most 500 samples and about this many tokens
+
+
 @torch.no_grad()
-def evaluate(model, family, tasks, cfg, generator, n_samples, batch_size=500):
+def evaluate(model, family, tasks, cfg, generator, n_samples):
     """Score the query of fresh samples of `tasks` (n, T), n_samples spread evenly over the tasks.
 
     exact_match_generated: greedy decoding of the whole answer from the query's input;
@@ -336,6 +341,7 @@ def evaluate(model, family, tasks, cfg, generator, n_samples, batch_size=500):
     model.eval()
     device = generator.device
     per_task = max(1, -(-n_samples // len(tasks)))
+    batch_size = min(500, max(1, EVAL_BATCH_TOKENS // model.config.block_size))
     task_ids = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
     all_tasks = torch.as_tensor(tasks, device=device)
     generated_steps, teacher_forced = [], []
@@ -484,7 +490,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     wall_seconds = time.time() - t0
     save(last_step, wall_seconds)
     return model, dict(
-        steps=last_step, wall_seconds=wall_seconds,
+        steps=last_step, wall_seconds=wall_seconds, seconds_per_step=wall_seconds / max(1, last_step),
         tokens_per_second=tokens_per_step * (last_step - start_step) / max(1e-9, wall_seconds - elapsed_before),
         history=history, time_to_accuracy=milestones, n_parameters=model.num_params())
 
@@ -505,7 +511,17 @@ def run_split(family, split, cfg, exclusion=Exclusion(), checkpoint=Checkpoint()
     for name, tasks in groups.items():
         if len(tasks):
             results[name] = evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
+    results["peak_memory_mb"] = peak_memory_mb(torch.device(cfg.device))
     return results
+
+
+def peak_memory_mb(device):
+    """The most memory this process has held so far: on CUDA the tensors' peak on the device,
+    elsewhere the process's peak resident memory (KB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -150,7 +150,7 @@ def add_common_args(parser):
                         help="fresh samples per task group in the final evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, the data and the model")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (the best available)")
-    parser.add_argument("--out", help="results JSON file (default: results/<family>-<time>.json)")
+    parser.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
     parser.add_argument("--save", help="checkpoint file, written atomically every few minutes and at the end")
     parser.add_argument("--resume", help="continue from this checkpoint (same flags as the run that wrote it)")
 
@@ -212,7 +212,7 @@ def prepare_run(args):
 def run_family(args):
     """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
     family, cfg, exclusion, split = prepare_run(args)
-    out = args.out or os.path.join("results", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = args.out or os.path.join("out", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
     if split.uncovered:
@@ -273,31 +273,44 @@ PAPER_PARITY = ["--n-layers", "3", "--n-heads", "1", "--width", "192", "--lr", "
                 "--context-length", "40", "--warmup-steps", "0", "--steps", "20000", "--n-train-total", "25000",
                 "--position", "absolute", "--embedding-std", "0.02", "--no-token-shift", "--weight-decay", "0",
                 "--curriculum", "0", "--no-unsorted"]
-# Four CPU sweeps run the CPU default (ordered 3-tuples of d = 7, 20 examples, broadcast inputs, token shift)
-# and vary what the experiment is about; each run takes 4-6 minutes on 2 cores, so two fit in 15. The n-tasks
-# sweep has four runs of 5,000 steps (d = 7: 0.91 by step 4,000 of the default's 8,000).
-PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60)]
+# The CPU sweeps run the parity preset's recipe (20 examples, broadcast inputs, token shift, weight
+# decay) at the paper's sizes where a run fits in about 15 minutes on 2 cores, varying what each is about.
+# The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
+# recipe learns the k steps one after another, so a row's steps grow with k.
+PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
+CPU_SCALING_STEPS = {5: 8000, 7: 24000, 10: 32000, 12: 40000, 15: 48000}
 EXCLUSIONS = (["--missing-coordinate", "2", "5"], ["--missing-pair", "4", "6"])  # paper Section 5.1
+
+
+def cpu_scaling(rows):
+    return [("parity", ["--d", str(d), "--k", str(k), "--no-unsorted", "--n-train-tasks", str(n),
+                        "--steps", str(CPU_SCALING_STEPS[k]), "--eval-every", str(CPU_SCALING_STEPS[k] // 8)])
+            for d, k, n, _ in rows]
+
+
 EXPERIMENTS = {
     "icl-vs-cot": {  # E1: the paper's is Parity(10,2) with 45 tasks; on CPU, the CPU default's problem
         "cpu": [("parity", cot) for cot in ([], ["--no-cot"])],
         "paper": [("parity", ["--d", "10", "--k", "2", "--n-train-tasks", "20", *PAPER_PARITY, *cot])
                   for cot in ([], ["--no-cot"])],
     },
-    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks
-        "cpu": [("parity", ["--d", str(d), "--n-train-tasks", n, "--steps", "5000", "--eval-every", "1000"])
-                for d in (5, 7) for n in ("3", "3dlogd")],
+    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D
+        "cpu": [("parity", ["--d", "10", "--k", "3", "--no-unsorted", "--n-train-tasks", n])
+                for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
         "paper": [("parity", ["--d", str(d), "--k", "3", "--n-train-tasks", n, *PAPER_PARITY])
                   for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
     },
-    "scaling": {  # E2: the authors' d/k table at ~3 d ln d training tasks
-        "cpu": [("parity", ["--d", str(d)]) for d in (7, 8)],
+    "scaling": {  # E2: the paper's table; cpu: its first two rows, long: all five
+        "cpu": cpu_scaling(PAPER_SCALING[:2]),
+        "long": cpu_scaling(PAPER_SCALING),
         "paper": [("parity", ["--d", str(d), "--k", str(k), "--n-train-tasks", str(n), *PAPER_PARITY])
                   for d, k, n, _ in PAPER_SCALING],
     },
-    "task-selection": {  # E4: paper Section 5.1 exclusions; the paper's at d=10, k=3, on CPU at the default's d=7
-        # 100 test tasks drawn first leave 110, of which the exclusion keeps enough for the 41 training tasks
-        "cpu": [("parity", ["--n-test-tasks", "100", *exclusion]) for exclusion in EXCLUSIONS],
+    "task-selection": {  # E4: paper Section 5.1, d = 10, k = 3, sorted. 60 test tasks, half the universe, hold
+        # about half of the tasks an exclusion removes (10 of 20 for the coordinate, 4 of 8 for the pair);
+        # 2 d ln d = 46 training tasks are what the allowed rest leaves on every seed.
+        "cpu": [("parity", ["--d", "10", "--k", "3", "--no-unsorted", "--n-train-tasks", "2dlogd", "--n-test-tasks", "60",
+                            *exclusion]) for exclusion in EXCLUSIONS],
         "paper": [("parity", ["--d", "10", "--k", "3", "--n-train-tasks", "30", "--n-test-tasks", "60", *exclusion,
                               *PAPER_PARITY]) for exclusion in EXCLUSIONS],
     },
@@ -306,6 +319,18 @@ EXPERIMENTS = {
         "paper": [("parity", ["--d", "15", "--k", str(k), "--n-train-tasks", "3dlogd", *PAPER_PARITY, "--context-length", str(n)])
                   for k in (3, 4) for n in (10, 20, 30, 40)],
     },
+    "families": {  # E6 and E7: arithmetic and multi-step translation at their presets
+        "cpu": [("arithmetic", []), ("translation", [])],
+    },
+}
+# What the paper reports for each experiment, beside which `python run.py all` puts ours.
+PAPER_FINDINGS = {
+    "icl-vs-cot": "E1: answer-only in-context learning fails to generalize to unseen tasks; chain of thought does.",
+    "n-tasks": "E3: unseen-task accuracy rises steeply near D ln D training tasks.",
+    "scaling": "E2: at least 98% exact match on unseen tasks for every row of the table, from about 3 d ln d tasks.",
+    "task-selection": "E4: a missing coordinate hurts the unseen tasks that use it (OOD); a missing pair need not.",
+    "context-length": "E5: a longer context is needed to identify the task.",
+    "families": "E6, E7: arithmetic and multi-step translation also generalize exponentially with chain of thought.",
 }
 
 
@@ -318,10 +343,10 @@ def coverage_probability(family, n_train, n_test, trials=200):
 def run_experiment(args):
     """Run every configuration of an experiment's preset (skipping finished ones, resuming
     half-finished ones from their checkpoints), then write DIR/summary.json and DIR/summary.md."""
-    out_dir = args.out or os.path.join("results", args.family, args.preset)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = args.out or os.path.join("out", args.family, args.preset)
     if args.seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {args.seeds}")
+    os.makedirs(out_dir, exist_ok=True)
     parser = build_parser()
     runs, groups = [], {}
     for family_name, flags in EXPERIMENTS[args.family][args.preset]:
@@ -342,26 +367,7 @@ def run_experiment(args):
                 group.append(run_family(parser.parse_args(argv)))
             runs.append(group[-1])
     save_json(os.path.join(out_dir, "summary.json"), runs)
-    lines = [f"# {args.family}, preset {args.preset}", "",
-             "| run | seeds | tasks train/all | unseen exact match (generated) | train tasks | extra |", "|---|---|---|---|---|---|"]
-    for key, group in groups.items():
-        unseen = np.array([r["unseen_tasks"]["exact_match_generated"] for r in group])
-        train = np.array([r["train_tasks"]["exact_match_generated"] for r in group])
-        first = group[0]
-        extra = []
-        family = FAMILIES[first["family"]].build(parser.parse_args(list(key)))
-        if args.family == "n-tasks":
-            p = coverage_probability(family, first["n_train_tasks"], first["n_test_tasks"])
-            extra.append(f"P(all step options covered) = {p:.2f}; D ln D = {family.n_options * np.log(family.n_options):.0f}")
-        if "unseen_out_of_distribution" in first:
-            extra.append(f"ID {first['unseen_in_distribution']['exact_match_generated']:.3f}, "
-                         f"OOD {first['unseen_out_of_distribution']['exact_match_generated']:.3f}")
-        uncovered = coverage(first["train_task_list"], family.universe)
-        extra.append(f"uncovered (step, option) pairs (seed 0): {uncovered if len(uncovered) <= 12 else len(uncovered)}")
-        if args.family == "scaling":
-            extra += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
-        lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
-                     f"{unseen.mean():.3f} ± {unseen.std():.3f} | {train.mean():.3f} ± {train.std():.3f} | {'; '.join(extra)} |")
+    lines = summary(args.family, args.preset, groups, parser)
     lines += ["", plot_experiment(args.family, groups, os.path.join(out_dir, "summary.png"))]
     def write_summary(tmp):
         with open(tmp, "w") as f:
@@ -369,6 +375,69 @@ def run_experiment(args):
     atomic_write(os.path.join(out_dir, "summary.md"), write_summary)
     log("\n".join(lines))
     return runs
+
+
+def over_seeds(values, digits=3):
+    """A figure over seeds: the value for one seed, the mean and range for several."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def summary(experiment, preset, groups, parser):
+    """The experiment's table, a row per configuration, with the paper's finding above it."""
+    lines = [f"# {experiment}, preset {preset}", "", f"Paper: {PAPER_FINDINGS[experiment]}", "",
+             "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered / uncovered | minutes "
+             "| s/step | peak MB | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, group in groups.items():
+        first = group[0]
+        match = lambda name: [r[name]["exact_match_generated"] for r in group if name in r]
+        family = FAMILIES[first["family"]].build(parser.parse_args(list(key)))
+        notes = []
+        if experiment == "n-tasks":
+            p = coverage_probability(family, first["n_train_tasks"], first["n_test_tasks"])
+            notes.append(f"P(all step options covered) = {p:.2f}; D ln D = {family.n_options * np.log(family.n_options):.0f}")
+        if "unseen_out_of_distribution" in first:
+            notes.append(f"ID {over_seeds(match('unseen_in_distribution'))}, OOD {over_seeds(match('unseen_out_of_distribution'))} "
+                         f"({len(first['unseen_out_of_distribution']['per_task'])} tasks)")
+        uncovered = coverage(first["train_task_list"], family.universe)
+        if uncovered:
+            notes.append(f"uncovered (step, option) pairs (seed 0): {uncovered if len(uncovered) <= 12 else len(uncovered)}")
+        if experiment == "scaling":
+            notes += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
+        covered = (f"{over_seeds(match('unseen_covered'))} / {over_seeds(match('unseen_uncovered'))} "
+                   f"({len(first['unseen_uncovered']['per_task'])} tasks)") if "unseen_uncovered" in first else "all covered"
+        cost = lambda name, scale, digits: over_seeds([r[name] * scale for r in group if name in r], digits)
+        lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
+                     f"{over_seeds(match('unseen_tasks'))} | {over_seeds(match('train_tasks'))} | {covered} | "
+                     f"{cost('wall_seconds', 1 / 60, 1)} | {cost('seconds_per_step', 1, 3)} | {cost('peak_memory_mb', 1, 0)} | "
+                     f"{'; '.join(notes)} |")
+    return lines
+
+
+def run_all(args):
+    """Every experiment that has the preset, one after another (finished runs are skipped), then
+    one report: each experiment's table under the paper's finding, and its plot."""
+    sections = [f"# The paper's experiments, preset {args.preset}", ""]
+    seconds = 0.0
+    for experiment, presets in EXPERIMENTS.items():
+        if args.preset not in presets:
+            continue
+        folder = os.path.join(experiment, args.preset)
+        runs = run_experiment(argparse.Namespace(family=experiment, preset=args.preset, seeds=args.seeds,
+                                                 device=args.device, out=os.path.join(args.out, folder)))
+        seconds += sum(r["wall_seconds"] for r in runs)
+        with open(os.path.join(args.out, folder, "summary.md")) as f:
+            sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
+    sections.append(f"Training and evaluation time of all runs, added up: {seconds / 3600:.1f} hours.")
+    path = os.path.join(args.out, f"report-{args.preset}.md")
+    def write_report(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(sections) + "\n")
+    atomic_write(path, write_report)
+    log(f"\nreport written to {path}")
 
 
 def plot_experiment(experiment, groups, path):
@@ -380,7 +449,7 @@ def plot_experiment(experiment, groups, path):
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
     unseen = lambda r, group="unseen_tasks": r[group]["exact_match_generated"]
-    label = lambda key: " ".join(key[1:]).replace("--", "") or "the CPU default"
+    label = lambda key: " ".join(key[1:]).replace("--", "") or f"the {key[0]} preset"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if experiment == "n-tasks":  # accuracy against training tasks, one line per d, with its D ln D mark
         by_d = {}
@@ -392,6 +461,15 @@ def plot_experiment(experiment, groups, path):
             line, *_ = ax.errorbar(n, mean, std, marker="o", capsize=3, label=f"d = {d}")
             ax.axvline(d * np.log(d), color=line.get_color(), linestyle="--", label=f"D ln D = {d * np.log(d):.0f}")
         ax.set_xlabel("training tasks")
+    elif experiment == "scaling":  # unseen-task accuracy against d, beside the paper's table
+        rows = sorted((g[0]["config"]["d"], np.mean([unseen(r) for r in g]),
+                       np.mean([unseen(r, "unseen_covered") for r in g if "unseen_covered" in r] or [np.nan]))
+                      for g in groups.values())
+        d, overall, covered = zip(*rows)
+        ax.plot(d, overall, "o-", label="ours: unseen tasks")
+        ax.plot(d, covered, "s--", label="ours: unseen tasks whose every (step, option) pair was trained")
+        ax.plot([row[0] for row in PAPER_SCALING], [row[3] / 100 for row in PAPER_SCALING], "k^", label="paper")
+        ax.set_xlabel("d (k and the training tasks grow with it, as in the paper's table)")
     elif experiment in ("icl-vs-cot", "context-length"):  # unseen-task accuracy over training, one curve per run
         for key, group in groups.items():
             history = group[0]["history"]
@@ -415,7 +493,7 @@ def plot_experiment(experiment, groups, path):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    return f"Plot: {os.path.basename(path)}"
+    return f"![{experiment}]({os.path.basename(path)})"
 
 
 def build_parser():
@@ -427,13 +505,22 @@ def build_parser():
         family.add_args(sub)
         add_common_args(sub)
         sub.set_defaults(**family.preset)
-    for name in EXPERIMENTS:
-        sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary")
-        sub.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
-                         help="cpu: small sizes for a 2-core CPU; paper: the authors' sizes and hyperparameters (GPU)")
+    presets = {"cpu": "the CPU recipe at sizes a 2-core CPU runs in minutes", "long": "all five rows of the "
+               "scaling table on the CPU recipe (hours)", "paper": "the authors' sizes and hyperparameters (GPU)"}
+    for name in [*EXPERIMENTS, "all"]:
+        if name == "all":
+            sub = commands.add_parser(name, help="every experiment that has the preset, then one report")
+            choices = list(presets)
+        else:
+            sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary")
+            choices = list(EXPERIMENTS[name])
+        sub.add_argument("--preset", choices=choices, default="cpu",
+                         help="; ".join(f"{preset}: {presets[preset]}" for preset in choices))
         sub.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
-        sub.add_argument("--out", help="directory for one JSON per run, checkpoints and the summary")
+        sub.add_argument("--out", default="out" if name == "all" else None,
+                         help="folder of every experiment's runs and the report" if name == "all" else
+                         "folder for one JSON per run, checkpoints and the summary (default: out/EXPERIMENT/PRESET)")
     bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
     bench.add_argument("--out", help="also write the numbers to this JSON file")
@@ -451,6 +538,8 @@ def main(argv=None):
             run_bench(args)
         elif args.family in EXPERIMENTS:
             run_experiment(args)
+        elif args.family == "all":
+            run_all(args)
         else:
             run_family(args)
     except (ValueError, FloatingPointError) as error:

@@ -679,3 +679,22 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
             png = tmp_path / f"{experiment}.png"
             run.plot_experiment(experiment, groups, str(png))
             assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monkeypatch):
+    import run
+    tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--steps", "4", "--eval-every", "2", "--width", "16", "--n-heads", "2",
+            "--n-layers", "1", "--context-length", "4", "--eval-samples", "16", "--warmup-steps", "2"]
+    experiments = {"n-tasks": {"cpu": [("parity", [*tiny, "--n-train-tasks", "3"])]},
+                   "task-selection": {"cpu": [("parity", [*tiny, "--n-train-tasks", "3", "--missing-pair", "0", "1"])],
+                                      "paper": [("parity", [*tiny, "--n-train-tasks", "4"])]}}
+    monkeypatch.setattr(run, "EXPERIMENTS", experiments)
+    run.main(["all", "--out", str(tmp_path), "--device", "cpu"])
+    report = (tmp_path / "report-cpu.md").read_text()
+    for experiment in experiments:
+        assert f"## {experiment}, preset cpu" in report and run.PAPER_FINDINGS[experiment] in report
+        assert (tmp_path / experiment / "cpu" / "summary.json").exists()
+    assert "OOD" in report and "added up" in report
+    assert not (tmp_path / "task-selection" / "paper").exists()  # only the preset asked for
+    if importlib.util.find_spec("matplotlib"):
+        assert "](n-tasks/cpu/summary.png)" in report
