@@ -12,7 +12,9 @@ import os
 import random
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -205,7 +207,7 @@ class TrainConfig:
     embedding_std: float = 0.02  # initial std of the embeddings (GPTConfig.embedding_std); GPT-2: 0.02
     token_shift: bool = False  # each position also sees its predecessor's embedding (GPTConfig.token_shift)
     compile: bool = False  # torch.compile the training forward/backward
-    precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": fp32 (TF32 matmuls on CUDA)
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -230,12 +232,16 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.width % self.n_heads:
             raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight-decay must not be negative, got {self.weight_decay}")
-        if not self.embedding_std > 0:
-            raise ValueError(f"embedding-std must be positive, got {self.embedding_std}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight-decay must not be negative, and finite, got {self.weight_decay}")
+        if not 0 < self.embedding_std < math.inf:
+            raise ValueError(f"embedding-std must be positive and finite, got {self.embedding_std}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -250,6 +256,36 @@ class TrainConfig:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
         if self.n_train_total is not None and self.input_curriculum:
             raise ValueError("input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total")
+
+
+def memory_needed(family, cfg, n_train_tasks):
+    """A rough upper estimate, in bytes, of what a run holds at once: the weights with their gradients
+    and AdamW moments, a fixed dataset, and the larger of a training step's activations (kept for the
+    backward pass) and an evaluation batch's (one layer at a time) with the scores it collects."""
+    tokens = cfg.context_length * family.example_len(cfg.cot)
+    width, layers, heads = cfg.width, cfg.n_layers, cfg.n_heads
+    embeddings = (family.vocab_size * (1 + family.input_len) + tokens) * width
+    weights = 16 * (12 * layers * width * width + embeddings)
+    per_sample = 4 * (20 * tokens * width + 2 * heads * tokens * tokens)
+    training = layers * cfg.batch_size * per_sample
+    evaluation = min(500, max(1, EVAL_BATCH_TOKENS // tokens)) * per_sample + 16 * cfg.eval_samples * (tokens + 6)
+    dataset = 8 * tokens * max(cfg.n_train_total or 0, n_train_tasks if cfg.n_train_total else 0)
+    return weights + dataset + max(training, evaluation)
+
+
+def memory_available(device):
+    """Bytes of memory on the device: the GPU's for CUDA, the machine's for the CPU (and MPS, which shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(family, cfg, n_train_tasks):
+    """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
+    needed, available = memory_needed(family, cfg, n_train_tasks), memory_available(torch.device(cfg.device))
+    if needed > available:
+        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has {available / 2**30:,.1f} "
+                         f"GiB: lower --width, --n-layers, --context-length, --batch-size, --n-train-total or --eval-samples")
 
 
 def build_model(family, cfg):
@@ -367,19 +403,23 @@ def evaluate(model, family, tasks, cfg, generator, n_samples):
 
 
 def autocast(device, precision="auto"):
-    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, and by
-    default on CUDA (tensor cores). On CPU it pays off only for large matmuls (the paper's
-    shapes: 1.9x a step here), not at the CPU default's small ones, so auto means fp32 there."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16, enabled=bf16)
+    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked. auto is fp32
+    everywhere (with TF32 matmuls on CUDA, set by train): the recipe's learning was measured in fp32,
+    and at these model sizes a step is bound by kernel launches, not by matmul throughput."""
+    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 def atomic_write(path, write):
     """Write via a temporary file and rename, so a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_json(path, data):
@@ -393,6 +433,31 @@ def save_json(path, data):
 class Checkpoint:
     path: str = None  # where to save (None: never)
     resume: str = None  # where to resume from (None: start fresh)
+    run: dict = None  # what defines the run beside TrainConfig (family, its flags, the split): a resume must match
+
+
+# Settings that change how a run is scored or where it runs, not what it trains: a resume may change them.
+EVALUATION_ONLY = ("eval_samples", "eval_every", "device")
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint where it could."""
+
+    def __init__(self, step, path):
+        saved = f"checkpoint saved to {path}; resume with the same command and --resume {path}" if path else \
+            "nothing saved (with --save FILE a run can be resumed)"
+        super().__init__(f"interrupted at step {step}: {saved}")
+
+
+def read_checkpoint(path, device="cpu"):
+    """A checkpoint's contents, or one clear error if the file is not a checkpoint of this project."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # truncated, empty or foreign: torch raises many kinds
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}); delete it to start the run over")
+    if not isinstance(state, dict) or not {"model", "optimizer", "generator", "step", "config"} <= state.keys():
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project; delete it to start the run over")
+    return state
 
 
 def make_optimizer(model, cfg):
@@ -422,6 +487,8 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     stop_after: stop (and checkpoint) after this many steps, as a run killed there would have.
     """
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores: 10-bit mantissa inputs
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(family, cfg).to(device)
@@ -433,23 +500,35 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     history, milestones = [], {}
     start_step, elapsed_before = 0, 0.0
     if checkpoint.resume:
-        state = torch.load(checkpoint.resume, map_location=device, weights_only=False)
+        state = read_checkpoint(checkpoint.resume, device)
         saved = {**asdict(TrainConfig()), **state["config"]}  # a setting newer than the checkpoint had its default
-        differing = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k != "device" and getattr(cfg, k) != v}
+        differing = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in EVALUATION_ONLY and getattr(cfg, k) != v}
+        saved_run, run = state.get("run") or {}, checkpoint.run or {}
+        differing.update({k: "differs" for k in saved_run.keys() | run.keys() if saved_run.get(k) != run.get(k)})
         if differing:
-            raise ValueError(f"checkpoint {checkpoint.resume} was written with other settings (saved, now): {differing}")
+            raise ValueError(f"checkpoint {checkpoint.resume} belongs to another run (saved, now): {differing}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].to(generator.get_state().device))
         start_step, elapsed_before = state["step"], state["wall_seconds"]
+        if state.get("generator_device", "cpu") == device.type:
+            generator.set_state(state["generator"].to(generator.get_state().device))
+        else:  # each device type has its own generator state: draw the rest of the data from a new seed
+            generator.manual_seed(cfg.seed + start_step)
+            log(f"note: the checkpoint was written on {state['generator_device']}; the data from step {start_step} on "
+                f"differ from an uninterrupted run's")
         history, milestones = state["history"], state["milestones"]
         log(f"resumed from {checkpoint.resume} at step {start_step}")
 
     def save(step, elapsed):
         if checkpoint.path:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                         step=step, wall_seconds=elapsed, history=history, milestones=milestones, config=asdict(cfg))
+                         generator_device=device.type, step=step, wall_seconds=elapsed, history=history,
+                         milestones=milestones, config=asdict(cfg), run=checkpoint.run)
             atomic_write(checkpoint.path, lambda tmp: torch.save(state, tmp))
+
+    stop_signals = []  # SIGINT or SIGTERM: save and stop after the step under way
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum)) for s in handled}
 
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens per sample, "
         f"{len(split.train)} training tasks, {len(split.test)} unseen tasks of {split.n_total}")
@@ -458,35 +537,42 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     t0 = time.time() - elapsed_before
     last_log, last_log_step, last_save = time.time(), start_step, time.time()
     last_step = min(cfg.steps, stop_after or cfg.steps)
-    for step in range(start_step, last_step):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        loss_sum += train_step(step_model, optimizer, data.next_batch(step), positions, cfg.grad_clip, cfg.precision)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            mean_loss = loss_sum.item() / (done - last_log_step)
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss became {mean_loss} by step {done}; lower --lr")
-            # A separate generator, so that progress evaluations never change the training data.
-            quick = evaluate(model, family, split.test, cfg, torch.Generator(device=device).manual_seed(done), n_samples=256)
-            now = time.time()
-            tokens_per_second = tokens_per_step * (done - last_log_step) / (now - last_log)
-            elapsed = now - t0
-            unseen = quick["exact_match_generated"]
-            history.append(dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed))
-            for goal in ("0.90", "0.98"):
-                if unseen >= float(goal) and goal not in milestones:
-                    milestones[goal] = dict(step=done, wall_seconds=elapsed)
-            eta = elapsed / done * (cfg.steps - done)
-            per_step = " ".join(f"{p:.2f}" for p in quick["per_step"])
-            log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
-                f"(per step {per_step}) "
-                f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
-            loss_sum.zero_()
-            last_log, last_log_step = time.time(), done
-            if time.time() - last_save > cfg.checkpoint_every_seconds:
-                save(done, elapsed)
-                last_save = time.time()
+    try:
+        for step in range(start_step, last_step):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            loss_sum += train_step(step_model, optimizer, data.next_batch(step), positions, cfg.grad_clip, cfg.precision)
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                mean_loss = loss_sum.item() / (done - last_log_step)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss became {mean_loss} by step {done}; lower --lr")
+                # A separate generator, so that progress evaluations never change the training data.
+                quick = evaluate(model, family, split.test, cfg, torch.Generator(device=device).manual_seed(done), n_samples=256)
+                now = time.time()
+                tokens_per_second = tokens_per_step * (done - last_log_step) / (now - last_log)
+                elapsed = now - t0
+                unseen = quick["exact_match_generated"]
+                history.append(dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed))
+                for goal in ("0.90", "0.98"):
+                    if unseen >= float(goal) and goal not in milestones:
+                        milestones[goal] = dict(step=done, wall_seconds=elapsed)
+                eta = elapsed / done * (cfg.steps - done)
+                per_step = " ".join(f"{p:.2f}" for p in quick["per_step"])
+                log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
+                    f"(per step {per_step}) "
+                    f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
+                loss_sum.zero_()
+                last_log, last_log_step = time.time(), done
+                if time.time() - last_save > cfg.checkpoint_every_seconds:
+                    save(done, elapsed)
+                    last_save = time.time()
+            if stop_signals:
+                save(done, time.time() - t0)
+                raise Interrupted(done, checkpoint.path)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     wall_seconds = time.time() - t0
     save(last_step, wall_seconds)
     return model, dict(
@@ -530,12 +616,12 @@ def timed(fn, repeats, device):
     """Seconds per call of fn, after one warm-up call, waiting for the device at the ends only."""
     fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 

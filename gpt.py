@@ -160,6 +160,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        self.layouts = {}  # packed layouts by (start, length, device): see device_layout
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by depth so the residual stream's
         # variance does not grow with the number of layers.
@@ -196,6 +197,13 @@ class GPT(nn.Module):
         broadcast_source[input_slots] = 0
         return PackedLayout(offset < P, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example, input_slots,
                             broadcast_source)
+
+    def device_layout(self, start, length, device):
+        """packed_layout on the device, computed once per (start, length, device) and then reused."""
+        key = (start, length, str(device))
+        if key not in self.layouts:
+            self.layouts[key] = PackedLayout(*(t.to(device) for t in self.packed_layout(start, length)))
+        return self.layouts[key]
 
     def embed(self, idx, start, layout=None, cache=None):
         """Input vectors (B, positions, C) for tokens idx (B, T) that start at token `start`
@@ -246,8 +254,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
         if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
-        layout = self.packed_layout(start, idx.size(1)) if self.config.input_len else None
-        x = self.embed(idx, start, None if layout is None else PackedLayout(*(t.to(idx.device) for t in layout)), cache)
+        layout = self.device_layout(start, idx.size(1), idx.device) if self.config.input_len else None
+        x = self.embed(idx, start, layout, cache)
         n_positions = x.size(1)
         for block in self.blocks:
             x = block(x, cache, last_only and block is self.blocks[-1])
@@ -259,12 +267,13 @@ class GPT(nn.Module):
         # Packed inputs, back to one row per token: a position's logits go to the token it
         # predicts for, the other input tokens get zeros (the model does not predict inputs).
         slot, predicting = layout.slot, layout.predicting
-        if last_only:  # x holds the last position only: the last token's, if it predicts
-            predicting = predicting[predicting == idx.size(1) - 1] - (idx.size(1) - 1)
-            slot = torch.zeros(1, dtype=torch.long)
-        predicted = self.lm_head(self.ln_f(x[:, slot[predicting].to(idx.device)]))
+        if last_only:  # x holds the last position only: the last token's, if it predicts (an answer or an input's last)
+            E, P = self.config.example_len, self.config.input_len
+            predicting = predicting[-1:] - (idx.size(1) - 1) if (start + idx.size(1) - 1) % E >= P - 1 else predicting[:0]
+            slot = torch.zeros(1, dtype=torch.long, device=idx.device)
+        predicted = self.lm_head(self.ln_f(x[:, slot[predicting]]))
         logits = predicted.new_zeros(idx.size(0), 1 if last_only else idx.size(1), self.config.vocab_size)
-        logits[:, predicting.to(idx.device)] = predicted
+        logits[:, predicting] = predicted
         return logits
 
     @torch.no_grad()

@@ -10,7 +10,9 @@ Every run prints progress, ends with a table, and writes a JSON file of results.
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -18,8 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from arc import (POSITIONS, Checkpoint, Exclusion, TrainConfig, atomic_write, benchmark, coverage, parse_task_count,
-                 run_split, save_json, split_tasks)
+from arc import (POSITIONS, Checkpoint, Exclusion, Interrupted, TrainConfig, atomic_write, benchmark, check_memory,
+                 coverage, parse_task_count, read_checkpoint, run_split, save_json, split_tasks)
 from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -143,8 +145,8 @@ def add_common_args(parser):
                              "the true one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
-                        help="bf16: autocast matmuls to bf16 (weights stay fp32); auto: bf16 on CUDA, fp32 on CPU, "
-                             "where bf16 pays off only at large shapes (see `python run.py bench`)")
+                        help="bf16: autocast matmuls to bf16 (weights stay fp32); auto: fp32, with TF32 matmuls on "
+                             "CUDA (the recipe was measured in fp32; see `python run.py bench` for bf16's speed)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between progress evaluations")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
                         help="fresh samples per task group in the final evaluation")
@@ -206,19 +208,57 @@ def prepare_run(args):
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume file {args.resume} does not exist")
     split = split_tasks(family.universe, n_train, args.seed, exclusion, max_test=args.n_test_tasks)
+    if cfg.n_train_total is not None and cfg.n_train_total < len(split.train):
+        raise ValueError(f"n-train-total {cfg.n_train_total} is fewer than one sample for each of the "
+                         f"{len(split.train)} training tasks")
+    check_memory(family, cfg, len(split.train))
+    outputs = {flag: getattr(args, flag) for flag in ("out", "save") if getattr(args, flag)}
+    if len(outputs) == 2 and os.path.abspath(args.out) == os.path.abspath(args.save):
+        raise ValueError("--out and --save name the same file: the checkpoint would overwrite the results")
+    for flag, path in outputs.items():
+        check_writable(path, flag)
+    for path in outputs.values():  # every check passed: only now make the folders
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return family, cfg, exclusion, split
+
+
+def check_writable(path, flag):
+    """Refuse, before training, an output file that could not be written: a folder, or a file below a
+    file, or a place where the nearest existing folder takes no new file. Makes nothing."""
+    if os.path.isdir(path):
+        raise ValueError(f"--{flag} {path} is a folder: give a file name")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--{flag} {path} cannot be written: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--{flag} {path} cannot be written: {error.strerror} in {existing}")
+
+
+def run_definition(args, split):
+    """What defines a run beside its TrainConfig: the family, its own flags (d, k, ops, ...), the exclusion
+    and the split. A checkpoint stores it, and a resume that would change it is refused."""
+    parser = argparse.ArgumentParser()
+    FAMILIES[args.family].add_args(parser)
+    family_flags = {name: getattr(args, name) for name in vars(parser.parse_args([]))}
+    return dict(family=args.family, **family_flags, missing_coordinate=args.missing_coordinate,
+                missing_pair=args.missing_pair, train_tasks=split.train.tolist(), test_tasks=split.test.tolist())
 
 
 def run_family(args):
     """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
+    args.out = out = args.out or os.path.join("out", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     family, cfg, exclusion, split = prepare_run(args)
-    out = args.out or os.path.join("out", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
     if split.uncovered:
         log(f"note: no training task has the (step, option) pairs {split.uncovered}; {split.test_uncovered.sum()} of the "
             f"{len(split.test)} unseen tasks use one, and the ARC theory does not expect those to be solved")
-    checkpoint = Checkpoint(path=args.save or args.resume, resume=args.resume)
+    checkpoint = Checkpoint(path=args.save or args.resume, resume=args.resume, run=run_definition(args, split))
     results = run_split(family, split, cfg, exclusion, checkpoint, log)
     results = dict(config=vars(args), family=args.family, n_total_tasks=split.n_total, n_train_tasks=len(split.train),
                    n_test_tasks=len(split.test), train_task_list=split.train.tolist(),
@@ -232,7 +272,8 @@ def run_family(args):
 def run_bench(args):
     """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
     device = resolve_device(args.device)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as training has it
     parity = build_parser().parse_args(["parity"])
     shapes = {
         "paper": (SparseParity(15, 3), TrainConfig(context_length=40, n_layers=3, n_heads=1, width=192, batch_size=64,
@@ -340,33 +381,82 @@ def coverage_probability(family, n_train, n_test, trials=200):
     return covered / trials
 
 
+def flag_groups(flags):
+    """["--d", "10", "--no-cot"] -> [("--d", "10"), ("--no-cot",)]: each flag with its values."""
+    groups = []
+    for token in flags:
+        if token.startswith("--"):
+            groups.append((token,))
+        else:
+            groups[-1] += (token,)
+    return groups
+
+
+def experiment_runs(args):
+    """The experiment's runs, each (name, family, flags, seed), in a fixed order: the unit of --list and --shard.
+    A run's name is its family and the flags that set it apart from the preset's other runs."""
+    configurations = EXPERIMENTS[args.family][args.preset]
+    shared = set.intersection(*(set(flag_groups(flags)) for _, flags in configurations))
+    runs = []
+    for family, flags in configurations:
+        own = [token.lstrip("-") for group in flag_groups(flags) if group not in shared for token in group]
+        runs += [("_".join([family, *own, f"seed{seed}"]), family, flags, seed) for seed in range(args.seeds)]
+    return runs
+
+
+def parse_shard(text):
+    """'I/N' -> (I, N), 1 <= I <= N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text or "1/1")
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ValueError(f"shard must be I/N with 1 <= I <= N, such as 2/4, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def run_experiment(args):
-    """Run every configuration of an experiment's preset (skipping finished ones, resuming
-    half-finished ones from their checkpoints), then write DIR/summary.json and DIR/summary.md."""
+    """Run the experiment's runs (with --shard I/N, every N-th from the I-th), skipping finished ones and
+    resuming half-finished ones from their checkpoints; then summarise every run whose results exist in
+    the folder (DIR/summary.json, DIR/summary.md), so that shards run anywhere add up to one summary."""
     out_dir = args.out or os.path.join("out", args.family, args.preset)
     if args.seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {args.seeds}")
-    os.makedirs(out_dir, exist_ok=True)
+    shard, n_shards = parse_shard(args.shard)
+    runs = experiment_runs(args)
+    if args.list:
+        for name, *_ in runs[shard - 1::n_shards]:
+            print(name)
+        return []
     parser = build_parser()
-    runs, groups = [], {}
-    for family_name, flags in EXPERIMENTS[args.family][args.preset]:
-        group = groups[(family_name, *flags)] = []
-        for seed in range(args.seeds):
-            name = "_".join([family_name, *(f.lstrip("-") for f in flags), f"seed{seed}"])
-            path = os.path.join(out_dir, name)
-            argv = [family_name, *flags, "--seed", str(seed), "--device", args.device, "--out", path + ".json",
-                    "--save", path + ".pt"]
-            if os.path.exists(path + ".json"):
-                log(f"== {name}: done before, skipped")
-                with open(path + ".json") as f:
-                    group.append(json.load(f))
-            else:
-                if os.path.exists(path + ".pt"):
-                    argv += ["--resume", path + ".pt"]
-                log(f"== {name}")
-                group.append(run_family(parser.parse_args(argv)))
-            runs.append(group[-1])
-    save_json(os.path.join(out_dir, "summary.json"), runs)
+    argvs = {}
+    for name, family, flags, seed in runs:  # every run is checked before any trains or any folder is made
+        path = os.path.join(out_dir, name)
+        argvs[name] = [family, *flags, "--seed", str(seed), "--device", args.device, "--out", path + ".json",
+                       "--save", path + ".pt"]
+        prepare_run(parser.parse_args(argvs[name][:-4]))
+    os.makedirs(out_dir, exist_ok=True)
+    for name, *_ in runs[shard - 1::n_shards]:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path + ".json"):
+            log(f"== {name}: done before, skipped")
+            continue
+        argv = argvs[name]
+        if os.path.exists(path + ".pt"):
+            try:
+                read_checkpoint(path + ".pt")
+                argv = argv + ["--resume", path + ".pt"]
+            except ValueError as error:
+                os.replace(path + ".pt", path + ".pt.unreadable")
+                log(f"note: {error}; set aside as {path}.pt.unreadable, and the run starts over")
+        log(f"== {name}")
+        run_family(parser.parse_args(argv))
+    results, groups = [], {}
+    for name, family, flags, seed in runs:
+        if os.path.exists(os.path.join(out_dir, name + ".json")):
+            with open(os.path.join(out_dir, name + ".json")) as f:
+                results.append(json.load(f))
+            groups.setdefault((family, *flags), []).append(results[-1])
+    if not results:
+        return results
+    save_json(os.path.join(out_dir, "summary.json"), results)
     lines = summary(args.family, args.preset, groups, parser)
     lines += ["", plot_experiment(args.family, groups, os.path.join(out_dir, "summary.png"))]
     def write_summary(tmp):
@@ -374,7 +464,7 @@ def run_experiment(args):
             f.write("\n".join(lines) + "\n")
     atomic_write(os.path.join(out_dir, "summary.md"), write_summary)
     log("\n".join(lines))
-    return runs
+    return results
 
 
 def over_seeds(values, digits=3):
@@ -426,8 +516,8 @@ def run_all(args):
         if args.preset not in presets:
             continue
         folder = os.path.join(experiment, args.preset)
-        runs = run_experiment(argparse.Namespace(family=experiment, preset=args.preset, seeds=args.seeds,
-                                                 device=args.device, out=os.path.join(args.out, folder)))
+        runs = run_experiment(argparse.Namespace(family=experiment, preset=args.preset, seeds=args.seeds, device=args.device,
+                                                 out=os.path.join(args.out, folder), list=False, shard=None))
         seconds += sum(r["wall_seconds"] for r in runs)
         with open(os.path.join(args.out, folder, "summary.md")) as f:
             sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
@@ -497,10 +587,12 @@ def plot_experiment(experiment, groups, path):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: an abbreviation such as --d must never silently mean another flag (--device)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="family", metavar="experiment")
     for name, family in FAMILIES.items():
-        sub = commands.add_parser(name, help=f"train and evaluate on the {name} family",
+        sub = commands.add_parser(name, help=f"train and evaluate on the {name} family", allow_abbrev=False,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         family.add_args(sub)
         add_common_args(sub)
@@ -509,19 +601,24 @@ def build_parser():
                "scaling table on the CPU recipe (hours)", "paper": "the authors' sizes and hyperparameters (GPU)"}
     for name in [*EXPERIMENTS, "all"]:
         if name == "all":
-            sub = commands.add_parser(name, help="every experiment that has the preset, then one report")
+            sub = commands.add_parser(name, help="every experiment that has the preset, then one report", allow_abbrev=False)
             choices = list(presets)
         else:
-            sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary")
+            sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary",
+                                      allow_abbrev=False)
             choices = list(EXPERIMENTS[name])
         sub.add_argument("--preset", choices=choices, default="cpu",
                          help="; ".join(f"{preset}: {presets[preset]}" for preset in choices))
         sub.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
+        if name != "all":
+            sub.add_argument("--list", action="store_true", help="print the name of every run, one a line, and stop")
+            sub.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th run from the I-th; "
+                             "the shards partition the runs); the summary covers every finished run in the folder")
         sub.add_argument("--out", default="out" if name == "all" else None,
                          help="folder of every experiment's runs and the report" if name == "all" else
                          "folder for one JSON per run, checkpoints and the summary (default: out/EXPERIMENT/PRESET)")
-    bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed")
+    bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed", allow_abbrev=False)
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
     bench.add_argument("--out", help="also write the numbers to this JSON file")
     return parser
@@ -544,6 +641,10 @@ def main(argv=None):
             run_family(args)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"error: {error}\n")
+    except Interrupted as interruption:
+        parser.exit(130, f"{interruption}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -446,7 +447,7 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     resumed = run_split(family, split, small_config(), checkpoint=Checkpoint(resume=str(half)), log=lambda _: None)
     for group in ("train_tasks", "unseen_tasks"):
         assert resumed[group] == uninterrupted[group]
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="another run"):
         train(family, split, small_config(lr=1e-2), Checkpoint(resume=str(half)), log=lambda _: None)
     # A checkpoint older than a setting was written with that setting's default, and says so.
     state = torch.load(half, weights_only=False)
@@ -488,13 +489,110 @@ def run_cli(*args, cwd=None):
     (["arithmetic", "--input-curriculum", "0.5", "--n-train-total", "100"], "cannot be used with n-train-total"),
     (["--precision", "fp16"], "invalid choice"),
     (["no-such-experiment"], "invalid choice"),
+    (["--seed", "-1"], "seed must be in"),
+    (["--seed", str(2**70)], "seed must be in"),
+    (["arithmetic", "--d", "5"], "unrecognized arguments: --d"),  # not an abbreviation of --device
+    (["--lr", "inf"], "lr must be positive and finite"),
+    (["--weight-decay", "inf"], "weight-decay must not be negative, and finite"),
+    (["--embedding-std", "inf"], "embedding-std must be positive and finite"),
+    (["--warmup-steps", "-100"], "warmup-steps must not be negative"),
+    (["--k", "1", "--missing-pair", "1", "2"], "at least 2 steps"),
+    (["--n-train-total", "5"], "fewer than one sample for each of the 41"),
+    (["--out", "/proc/x/y.json"], "cannot be written"),
+    (["--save", "/proc/x/y.pt"], "cannot be written"),
+    (["--out", "."], "is a folder"),
+    (["--out", "same.json", "--save", "same.json"], "name the same file"),
+    (["--width", "1000000"], "this run needs about"),
+    (["--n-layers", "100000"], "this run needs about"),
+    (["--context-length", "100000"], "this run needs about"),
+    (["--batch-size", "1000000000"], "this run needs about"),
+    (["--n-train-total", "1000000000"], "this run needs about"),
+    (["--eval-samples", "1000000000000"], "this run needs about"),
+    (["n-tasks", "--shard", "0/4"], "shard must be I/N"),
+    (["n-tasks", "--seeds", "0"], "seeds must be at least 1"),
 ])
-def test_bad_input_is_one_clear_error(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert "step" not in result.stdout  # no training started
+def test_bad_input_is_one_clear_error(args, message, capsys, tmp_path, monkeypatch):
+    import run
+    monkeypatch.chdir(tmp_path)  # whatever a bad command might write lands here
+    start = time.time()
+    with pytest.raises(SystemExit) as exit:
+        run.main(args)
+    assert exit.value.code == 2 and time.time() - start < 10
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "step" not in captured.out  # no training started
+    assert not any(tmp_path.iterdir())  # and nothing was made: no folder, no half-written file
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_but_not_other_evaluation_settings(tmp_path, capsys):
+    import run
+    tiny = ["parity", "--no-unsorted", "--d", "6", "--k", "2", "--n-train-tasks", "4", "--n-test-tasks", "6", "--steps", "4",
+            "--eval-every", "2", "--context-length", "4", "--width", "16", "--n-layers", "1", "--n-heads", "2",
+            "--eval-samples", "20", "--device", "cpu"]
+    checkpoint, out = str(tmp_path / "c.pt"), str(tmp_path / "r.json")
+    run.main([*tiny, "--save", checkpoint, "--out", out])
+    for other in (["--n-train-tasks", "5"], ["--seed", "1"], ["--d", "7"], ["--missing-coordinate", "1", "0"],
+                  ["--n-test-tasks", "5"]):
+        with pytest.raises(SystemExit) as exit:
+            run.main([*tiny, *other, "--resume", checkpoint, "--out", out])
+        assert exit.value.code == 2 and "belongs to another run" in capsys.readouterr().err
+    run.main([*tiny, "--eval-samples", "10", "--eval-every", "1", "--resume", checkpoint, "--out", out])
+    assert json.loads(open(out).read())["unseen_tasks"]["n_samples"] >= 10
+
+
+def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_path, capsys, monkeypatch):
+    import run
+    tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--n-train-tasks", "3", "--steps", "4", "--eval-every", "2",
+            "--width", "16", "--n-heads", "2", "--n-layers", "1", "--context-length", "4", "--eval-samples", "16"]
+    for content in (b"", b"not a checkpoint", b"PK\x03\x04truncated"):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(content)
+        with pytest.raises(SystemExit) as exit:
+            run.main(["parity", *tiny, "--resume", str(bad), "--out", str(tmp_path / "r.json")])
+        assert exit.value.code == 2 and "cannot be read" in capsys.readouterr().err
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", tiny)]})
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "parity_seed0.pt").write_bytes(b"garbage")
+    run.main(["n-tasks", "--out", str(sweep), "--device", "cpu"])
+    assert (sweep / "parity_seed0.json").exists() and (sweep / "parity_seed0.pt.unreadable").exists()
+    assert "set aside" in capsys.readouterr().out
+
+
+def test_sigint_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
+    tiny = ["parity", "--no-unsorted", "--d", "6", "--k", "2", "--n-train-tasks", "4", "--steps", "300",
+            "--eval-every", "25", "--context-length", "4", "--width", "16", "--n-layers", "1", "--n-heads", "2",
+            "--eval-samples", "40", "--device", "cpu"]
+    checkpoint = tmp_path / "c.pt"
+    process = subprocess.Popen([sys.executable, "run.py", *tiny, "--save", str(checkpoint), "--out", str(tmp_path / "i.json")],
+                               cwd=__file__.rsplit("/", 1)[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # interrupt once training is under way
+        if line.startswith("step"):
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert "interrupted at step" in err and f"--resume {checkpoint}" in err
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 0 < step < 300 and not (tmp_path / "i.json").exists()
+    resumed = run_cli(*tiny, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed.json"))
+    whole = run_cli(*tiny, "--out", str(tmp_path / "whole.json"))
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr + whole.stderr
+    resumed, whole = (json.loads((tmp_path / name).read_text()) for name in ("resumed.json", "whole.json"))
+    for group in ("train_tasks", "unseen_tasks"):
+        assert resumed[group] == whole[group]
+
+
+def test_list_and_shards_partition_an_experiments_runs(capsys):
+    import run
+    run.main(["n-tasks", "--preset", "paper", "--list"])
+    every = capsys.readouterr().out.split()
+    shards = []
+    for i in range(1, 5):
+        run.main(["n-tasks", "--preset", "paper", "--list", "--shard", f"{i}/4"])
+        shards.append(capsys.readouterr().out.split())
+    assert len(every) == len(set(every)) == 12 and sorted(sum(shards, [])) == sorted(every)
+    assert all(len(name) < 200 for name in every)  # file names, with room for a folder's
 
 
 def test_cli_writes_the_results_file(tmp_path):
@@ -659,8 +757,9 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     n_train = 5 if "_5_" in unfinished.name else 3
     split = split_tasks(family.universe, n_train, seed=0)
     # The settings that run would have: the sweep's flags on top of parity's preset.
-    cfg = run.train_config(run.build_parser().parse_args(["parity", *tiny, "--n-train-tasks", str(n_train), "--device", "cpu"]))
-    train(family, split, cfg, Checkpoint(path=str(unfinished.with_suffix(".pt"))), log=lambda _: None, stop_after=3)
+    args = run.build_parser().parse_args(["parity", *tiny, "--n-train-tasks", str(n_train), "--device", "cpu"])
+    checkpoint = Checkpoint(path=str(unfinished.with_suffix(".pt")), run=run.run_definition(args, split))
+    train(family, split, run.train_config(args), checkpoint, log=lambda _: None, stop_after=3)
     finished_before = finished.stat().st_mtime_ns
     again = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
     assert finished.stat().st_mtime_ns == finished_before  # not redone
