@@ -208,15 +208,19 @@ class TrainConfig:
     token_shift: bool = False  # each position also sees its predecessor's embedding (GPTConfig.token_shift)
     compile: bool = False  # torch.compile the training forward/backward
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": fp32 (TF32 matmuls on CUDA)
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches (GPTConfig.dropout)
     lr: float = 1e-3
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # the cosine schedule's floor
     warmup_steps: int = 100
+    schedule_steps: int = None  # the cosine schedule's length (None: steps); training may stop before it ends
+    adam_beta2: float = 0.95
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    decay_all: bool = False  # weight decay on every parameter (torch's AdamW), not only matrices and embeddings
+    grad_clip: float = 1.0  # 0: no clipping
     batch_size: int = 8
-    steps: int = 5000
+    steps: int = 5000  # the most optimizer steps
+    target_accuracy: float = None  # stop once a progress evaluation's unseen-task exact match reaches it
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
-    curriculum: float = 0.0  # > 0: this fraction of the steps widens from 3 training tasks to all (3 for its first half)
     # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
     # easiest to its true distribution: the easiest for its first 30%, then a linear ramp
     input_curriculum: float = 0.0
@@ -248,8 +252,18 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"bf16 autocast is supported here on cpu and cuda, not {self.device}")
-        if not 0 <= self.curriculum <= 1:
-            raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {self.curriculum}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min-lr must be in [0, lr], got {self.min_lr}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise ValueError(f"adam-beta2 must be in [0, 1), got {self.adam_beta2}")
+        if not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"grad-clip must be 0 (none) or positive, got {self.grad_clip}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule-steps must be at least 1, got {self.schedule_steps}")
+        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
         if not 0 <= self.input_curriculum <= 1:
             raise ValueError(f"input-curriculum must be a fraction of the steps in [0, 1], got {self.input_curriculum}")
         if self.n_train_total is not None and self.n_train_total < 1:
@@ -295,15 +309,16 @@ def build_model(family, cfg):
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
         example_len=example_len if cfg.position != "absolute" else 0,
         input_len=family.input_len if cfg.position in ("packed", "broadcast") else 0,
-        input_broadcast=cfg.position == "broadcast", token_shift=cfg.token_shift, embedding_std=cfg.embedding_std)
+        input_broadcast=cfg.position == "broadcast", token_shift=cfg.token_shift, embedding_std=cfg.embedding_std,
+        dropout=cfg.dropout)
     return GPT(config)
 
 
 def learning_rate(step, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
+    """Linear warmup, then cosine decay to min_lr over schedule_steps (or steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -317,26 +332,20 @@ def curriculum_progress(step, fraction, steps, hold):
 
 
 class TrainingData:
-    """Training batches: fresh samples of uniformly drawn training tasks, or rows of a fixed dataset;
-    during a curriculum, of the first n_tasks_at(step) training tasks only."""
+    """Training batches: fresh samples of uniformly drawn training tasks, or the rows of a fixed dataset
+    (the authors' setup), each row once an epoch in a new order, the last partial batch dropped."""
 
     def __init__(self, family, train_tasks, cfg, generator):
         self.family, self.cfg, self.generator = family, cfg, generator
         self.tasks = torch.as_tensor(train_tasks, device=generator.device)
         self.dataset = None
         if cfg.n_train_total is not None:
-            # The authors' setup: n_train_total samples split evenly across the training tasks,
-            # stored task by task, so that the first n tasks are the first n * per_task rows.
-            self.per_task = max(1, cfg.n_train_total // len(train_tasks))
-            self.dataset = make_batch(family, self.tasks.repeat_interleave(self.per_task, dim=0),
-                                      cfg.context_length, cfg.cot, generator).tokens
-
-    def n_tasks_at(self, step):
-        """How many of the training tasks (the first ones) step draws from: all, but during a curriculum."""
-        # A few tasks first (3 for the first half): telling 3 tasks apart from the context is learned
-        # within minutes, and the context-reading circuit then has to widen, not appear, as tasks join.
-        progress = curriculum_progress(step, self.cfg.curriculum, self.cfg.steps, hold=0.5)
-        return min(len(self.tasks), 3 + int((len(self.tasks) - 3) * progress))
+            # n_train_total samples split evenly across the training tasks
+            per_task = max(1, cfg.n_train_total // len(train_tasks))
+            self.dataset = make_batch(family, self.tasks.repeat_interleave(per_task, dim=0), cfg.context_length, cfg.cot,
+                                      generator).tokens
+            self.steps_per_epoch = max(1, len(self.dataset) // cfg.batch_size)
+            self.epoch, self.order = None, None
 
     def difficulty_at(self, step):
         """The inputs' difficulty at step (ARCFamily.sample): 1, but during an input curriculum."""
@@ -346,10 +355,13 @@ class TrainingData:
 
     def next_batch(self, step):
         if self.dataset is not None:
-            rows = torch.randint(0, self.n_tasks_at(step) * self.per_task, (self.cfg.batch_size,), generator=self.generator,
-                                 device=self.dataset.device)
-            return self.dataset[rows]
-        picks = torch.randint(0, self.n_tasks_at(step), (self.cfg.batch_size,), generator=self.generator,
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != self.epoch:  # an epoch's order follows from the seed and the epoch: a resume finds it again
+                order_generator = torch.Generator(device=self.dataset.device).manual_seed(hash((self.cfg.seed, epoch)))
+                self.order = torch.randperm(len(self.dataset), generator=order_generator, device=self.dataset.device)
+                self.epoch = epoch
+            return self.dataset[self.order[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]]
+        picks = torch.randint(0, len(self.tasks), (self.cfg.batch_size,), generator=self.generator,
                               device=self.tasks.device)
         return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator,
                           self.difficulty_at(step)).tokens
@@ -371,7 +383,9 @@ def evaluate(model, family, tasks, cfg, generator, n_samples):
     """Score the query of fresh samples of `tasks` (n, T), n_samples spread evenly over the tasks.
 
     exact_match_generated: greedy decoding of the whole answer from the query's input;
-    exact_match_teacher_forced: argmax at every answer position given the true prefix;
+    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the whole
+    answer the two are the same number (greedy decoding reproduces the true answer exactly when every
+    teacher-forced argmax is right); both are kept as a check of the decoder. They differ per step:
     per_step: generated accuracy of each answer step; per_task: generated exact match per task.
     """
     model.eval()
@@ -461,11 +475,14 @@ def read_checkpoint(path, device="cpu"):
 
 
 def make_optimizer(model, cfg):
-    # As nanoGPT: weight decay on the matrices and embeddings, none on biases and LayerNorm gains.
+    # As nanoGPT: weight decay on the matrices and embeddings, none on biases and LayerNorm gains; with
+    # decay_all, on every parameter, as torch's AdamW does by default (the authors' setup).
     # fused: one kernel for all parameters on CUDA; foreach (the default elsewhere) batches them on CPU
-    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=next(model.parameters()).device.type == "cuda")
+    decayed = lambda p: cfg.decay_all or p.dim() >= 2
+    groups = [dict(params=[p for p in model.parameters() if decayed(p)], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in model.parameters() if not decayed(p)], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                             fused=next(model.parameters()).device.type == "cuda")
 
 
 def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
@@ -476,7 +493,8 @@ def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto")
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach()
 
@@ -502,7 +520,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     if checkpoint.resume:
         state = read_checkpoint(checkpoint.resume, device)
         saved = {**asdict(TrainConfig()), **state["config"]}  # a setting newer than the checkpoint had its default
-        differing = {k: (v, getattr(cfg, k)) for k, v in saved.items() if k not in EVALUATION_ONLY and getattr(cfg, k) != v}
+        differing = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in EVALUATION_ONLY and saved.get(k) != v}
         saved_run, run = state.get("run") or {}, checkpoint.run or {}
         differing.update({k: "differs" for k in saved_run.keys() | run.keys() if saved_run.get(k) != run.get(k)})
         if differing:
@@ -554,7 +572,8 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
                 elapsed = now - t0
                 unseen = quick["exact_match_generated"]
                 history.append(dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed))
-                for goal in ("0.90", "0.98"):
+                goals = ["0.90", "0.98"] + ([f"{cfg.target_accuracy}"] if cfg.target_accuracy is not None else [])
+                for goal in goals:
                     if unseen >= float(goal) and goal not in milestones:
                         milestones[goal] = dict(step=done, wall_seconds=elapsed)
                 eta = elapsed / done * (cfg.steps - done)
@@ -570,6 +589,9 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
             if stop_signals:
                 save(done, time.time() - t0)
                 raise Interrupted(done, checkpoint.path)
+            if cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in milestones:
+                last_step = done  # the target is reached: training ends here
+                break
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)

@@ -45,15 +45,14 @@ class GPTConfig:
     # residual vector from the first layer on, so how they relate (the XOR of a parity step, the
     # operation of an arithmetic step) can be read there without first growing a previous-token
     # attention head. With packed inputs it is added before the input broadcast, so the vector an input
-    # broadcasts also carries the shifted-in previous token. Measured here (results/search.md, seventh
-    # session): with weight decay, it took a parity seed stuck on the XOR steps from 0.51 to 0.85.
+    # broadcasts also carries the shifted-in previous token.
     token_shift: bool = False
     # Initial std of every embedding (tokens, positions, packed inputs). GPT-2 uses 0.02. With the
     # output head tied to the token embedding, larger ones also make the head's logits larger at first.
-    # Measured here (results/search.md): with broadcast inputs and 0.02, the circuit that reads off the
-    # context which coordinate the answers copy (d=10, k=1) never formed in 3,000 steps; with 0.3 or 1.0
-    # it formed in 4 of 9 runs, by ~1,500 steps.
+    # With broadcast inputs, 0.3 lets the circuit that reads the task off the context form, where 0.02
+    # stays on the plateau (docs/recipe.md).
     embedding_std: float = 0.02
+    dropout: float = 0.0  # GPT-2's is 0.1, on embeddings, attention weights and residual branches
     bias: bool = True
 
 
@@ -99,6 +98,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, last_only=False):
         B, T, C = x.shape
@@ -110,8 +111,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(self.layer, k, v)
         # Queries for every key (a full forward or a prefill) need the causal mask; the
         # last token alone (a decoding step) may see every key, so it needs none.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) == k.size(2) and q.size(2) > 1)
-        return self.c_proj(y.transpose(1, 2).reshape(B, q.size(2), C))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=q.size(2) == k.size(2) and q.size(2) > 1)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, q.size(2), C)))
 
 
 class MLP(nn.Module):
@@ -119,9 +121,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -156,6 +159,7 @@ class GPT(nn.Module):
             self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
         else:
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -255,7 +259,7 @@ class GPT(nn.Module):
         if cache is not None and 0 < start % max(1, self.config.example_len) < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
         layout = self.device_layout(start, idx.size(1), idx.device) if self.config.input_len else None
-        x = self.embed(idx, start, layout, cache)
+        x = self.drop(self.embed(idx, start, layout, cache))
         n_positions = x.size(1)
         for block in self.blocks:
             x = block(x, cache, last_only and block is self.blocks[-1])

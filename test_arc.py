@@ -18,8 +18,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, benchmark, build_model, coverage, evaluate,
-                 make_optimizer, parse_task_count, run_split, split_tasks, step_options, train)
+from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, answer_positions, benchmark, build_model, coverage,
+                 evaluate, learning_rate, make_optimizer, parse_task_count, run_split, split_tasks, step_options, train,
+                 train_step)
 from gpt import GPT, GPTConfig
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic, OrderedTuples, SortedTuples, SparseParity,
                    Translation, make_batch)
@@ -483,8 +484,12 @@ def run_cli(*args, cwd=None):
     (["--embedding-std", "0"], "embedding-std must be positive"),
     (["--weight-decay", "-0.1"], "weight-decay must not be negative"),
     (["--resume", "no/such/file.pt"], "does not exist"),
-    (["--curriculum", "-0.5"], "curriculum must be a fraction"),
-    (["--curriculum", "1.5"], "curriculum must be a fraction"),
+    (["--dropout", "1"], "dropout must be in [0, 1)"),
+    (["--min-lr", "1"], "min-lr must be in [0, lr]"),
+    (["--adam-beta2", "1"], "adam-beta2 must be in [0, 1)"),
+    (["--grad-clip", "-1"], "grad-clip must be 0 (none) or positive"),
+    (["--schedule-steps", "0"], "schedule-steps must be at least 1"),
+    (["--target-accuracy", "2"], "target-accuracy must be in [0, 1]"),
     (["arithmetic", "--input-curriculum", "2"], "input-curriculum must be a fraction"),
     (["arithmetic", "--input-curriculum", "0.5", "--n-train-total", "100"], "cannot be used with n-train-total"),
     (["--precision", "fp16"], "invalid choice"),
@@ -633,7 +638,7 @@ def test_arithmetic_reads_add_or_sub_off_the_context():
     # Each of 2 steps adds or subtracts: their outputs have the same distribution, so only checking
     # y_t = y_(t-1) +- x_t in the examples tells them apart. 3 tasks train, the 4th is unseen: reading
     # each step's operation off the context scores ~1 on it. This run without the input curriculum
-    # scored 0.46 on the training tasks and 0.06 on the unseen one (results/search.md, eighth session).
+    # scored 0.46 on the training tasks and 0.06 on the unseen one.
     family = Arithmetic(("add", "sub"), 2)
     split = split_tasks(family.universe, 3, seed=0)
     cfg = small_config(context_length=8, n_layers=3, n_heads=4, width=128, batch_size=16, steps=2500, eval_every=2500,
@@ -688,19 +693,64 @@ def test_coverage_lists_the_step_options_training_missed():
     assert all(any(task[step - 1] == option for task in every_task) for step, option in split.uncovered)
 
 
-def test_curriculum_widens_from_three_tasks_to_all():
+def test_a_fixed_dataset_gives_every_row_once_an_epoch_in_a_new_order():
     family = SparseParity(6, 2)
     split = split_tasks(family.universe, 12, seed=0)
-    data = TrainingData(family, split.train, small_config(curriculum=0.5, steps=200), torch.Generator())
-    counts = [data.n_tasks_at(step) for step in range(120)]
-    assert counts[:51] == [3] * 51 and counts[99] < 12 and counts[100:] == [12] * 20
-    assert counts == sorted(counts)
-    plain = TrainingData(family, split.train, small_config(), torch.Generator())
-    assert {plain.n_tasks_at(step) for step in range(100)} == {12}
-    # A fixed dataset (the authors' setup) is stored task by task: the curriculum draws the first tasks' rows.
-    fixed = TrainingData(family, split.train, small_config(curriculum=0.5, steps=200, n_train_total=120), torch.Generator())
-    first_three = {tuple(row.tolist()) for row in fixed.dataset[:30]}
-    assert all(tuple(row.tolist()) in first_three for step in range(50) for row in fixed.next_batch(step))
+    data = TrainingData(family, split.train, small_config(n_train_total=120, batch_size=8), torch.Generator())
+    rows = {tuple(row.tolist()): i for i, row in enumerate(data.dataset)}
+    assert len(data.dataset) == 120 and data.steps_per_epoch == 15
+    epochs = [[rows[tuple(row.tolist())] for step in range(15 * e, 15 * (e + 1)) for row in data.next_batch(step)]
+              for e in range(2)]
+    assert all(len(set(epoch)) == len(epoch) == 120 for epoch in epochs) and epochs[0] != epochs[1]
+    # a resumed run (a new TrainingData) finds the same order from the step alone
+    again = TrainingData(family, split.train, small_config(n_train_total=120, batch_size=8), torch.Generator())
+    assert [rows[tuple(row.tolist())] for row in again.next_batch(20)] == epochs[1][40:48]
+
+
+def test_the_authors_optimizer_settings():
+    torch.manual_seed(0)
+    family = SparseParity(4, 2)
+    cfg = small_config(weight_decay=0.5, decay_all=True, adam_beta2=0.999, lr=0.1)
+    model = build_model(family, cfg)
+    optimizer = make_optimizer(model, cfg)
+    assert all(group["betas"] == (0.9, 0.999) for group in optimizer.param_groups)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():  # every parameter decays, biases and LayerNorm gains too
+        assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)), name
+    # no clipping with grad_clip 0: a huge gradient moves the weights as AdamW alone would
+    batch = make_batch(family, torch.tensor([[0, 1]] * 4), 4, True, torch.Generator().manual_seed(0)).tokens * 1
+    positions = answer_positions(family, cfg, torch.device("cpu"))
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = lambda *args: clipped.append(args) or original(*args)
+    try:
+        train_step(model, optimizer, batch, positions, grad_clip=0)
+        assert not clipped
+        train_step(model, optimizer, batch, positions, grad_clip=1.0)
+        assert clipped
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
+def test_dropout_acts_in_training_only():
+    model = GPT(GPTConfig(vocab_size=5, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    idx = torch.randint(0, 5, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_training_stops_at_the_target_and_says_when(tmp_path):
+    family = SparseParity(5, 2)
+    split = split_tasks(family.universe, 4, seed=0)
+    cfg = small_config(steps=40, eval_every=4, target_accuracy=0.0, schedule_steps=400)
+    model, stats = train(family, split, cfg, log=lambda _: None)
+    assert stats["steps"] == 4 and stats["time_to_accuracy"]["0.0"]["step"] == 4
+    assert learning_rate(4, cfg) > learning_rate(4, small_config(steps=40, eval_every=4))  # decays over 400 steps
 
 
 def test_input_curriculum_holds_the_easiest_inputs_then_ramps_to_the_true_ones():
