@@ -369,32 +369,27 @@ class TrainingData:
 
 def answer_positions(family, cfg, device):
     """Positions p whose next token p+1 is an answer token: where the loss is taken."""
-    # The mask does not depend on the task, so any valid tuple will do: no need to enumerate them all.
-    probe = make_batch(family, torch.zeros((1, family.n_steps), dtype=torch.long, device=device),
-                       cfg.context_length, cfg.cot, torch.Generator(device=device))
-    return probe.answer_mask[1:].nonzero().squeeze(1)
+    # The mask depends on neither the task nor the sample: one probe, on the CPU, moved to the device once.
+    probe = make_batch(family, torch.zeros((1, family.n_steps), dtype=torch.long), cfg.context_length, cfg.cot,
+                       torch.Generator())
+    return probe.answer_mask[1:].nonzero().squeeze(1).to(device)
 
 
 EVAL_BATCH_TOKENS = 2**17  # an evaluation batch holds at most 500 samples and about this many tokens
 
 
 @torch.no_grad()
-def evaluate(model, family, tasks, cfg, generator, n_samples):
-    """Score the query of fresh samples of `tasks` (n, T), n_samples spread evenly over the tasks.
-
-    exact_match_generated: greedy decoding of the whole answer from the query's input;
-    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the whole
-    answer the two are the same number (greedy decoding reproduces the true answer exactly when every
-    teacher-forced argmax is right); both are kept as a check of the decoder. They differ per step:
-    per_step: generated accuracy of each answer step; per_task: generated exact match per task.
-    """
+def score(model, family, tasks, cfg, generator, n_samples):
+    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, scored on the
+    model's device. Returns (steps_right, teacher_forced): per sample, whether greedy decoding got each
+    answer step right, and whether the argmax at every answer position given the true prefix was right."""
     model.eval()
-    device = generator.device
+    device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
     batch_size = min(500, max(1, EVAL_BATCH_TOKENS // model.config.block_size))
     task_ids = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
     all_tasks = torch.as_tensor(tasks, device=device)
-    generated_steps, teacher_forced = [], []
+    steps_right, teacher_forced = [], []
     for chunk in task_ids.split(batch_size):
         batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
         answer = batch.tokens[:, -batch.answer_len:]
@@ -402,24 +397,32 @@ def evaluate(model, family, tasks, cfg, generator, n_samples):
             logits = model(batch.tokens[:, :-1])[:, -batch.answer_len:]
             generated = model.generate(batch.tokens[:, :-batch.answer_len], batch.answer_len)
         teacher_forced.append((logits.argmax(-1) == answer).all(1))
-        steps_right = (generated == answer).view(len(chunk), -1, batch.tokens_per_step).all(2)
-        generated_steps.append(steps_right)
-    generated_steps = torch.cat(generated_steps).float()
-    generated = generated_steps.all(1).float()
+        steps_right.append((generated == answer).view(len(chunk), -1, batch.tokens_per_step).all(2))
     model.train()
+    return torch.cat(steps_right), torch.cat(teacher_forced)
+
+
+def evaluate(model, family, tasks, cfg, generator, n_samples):
+    """score, as numbers. exact_match_generated: greedy decoding of the whole answer from the query's input;
+    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the whole
+    answer the two are the same number (greedy decoding reproduces the true answer exactly when every
+    teacher-forced argmax is right); both are kept as a check of the decoder. They differ per step:
+    per_step: generated accuracy of each answer step; per_task: generated exact match per task."""
+    steps_right, teacher_forced = score(model, family, tasks, cfg, generator, n_samples)
+    steps_right = steps_right.float()
+    generated = steps_right.all(1).float()
     return {
         "exact_match_generated": generated.mean().item(),
-        "exact_match_teacher_forced": torch.cat(teacher_forced).float().mean().item(),
-        "per_step": generated_steps.mean(0).tolist(),
-        "per_task": generated.view(len(tasks), per_task).mean(1).tolist(),
-        "n_samples": len(task_ids),
+        "exact_match_teacher_forced": teacher_forced.float().mean().item(),
+        "per_step": steps_right.mean(0).tolist(),
+        "per_task": generated.view(len(tasks), -1).mean(1).tolist(),
+        "n_samples": len(generated),
     }
 
 
 def autocast(device, precision="auto"):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked. auto is fp32
-    everywhere (with TF32 matmuls on CUDA, set by train): the recipe's learning was measured in fp32,
-    and at these model sizes a step is bound by kernel launches, not by matmul throughput."""
+    everywhere (with TF32 matmuls on CUDA, set by train): the recipe's learning was measured in fp32."""
     return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16,
                           enabled=precision == "bf16")
 

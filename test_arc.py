@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from arc import (Checkpoint, Exclusion, TrainConfig, TrainingData, answer_positions, benchmark, build_model, coverage,
-                 evaluate, learning_rate, make_optimizer, parse_task_count, run_split, split_tasks, step_options, train,
-                 train_step)
+                 evaluate, learning_rate, make_optimizer, parse_task_count, run_split, score, split_tasks, step_options,
+                 train, train_step)
 from gpt import GPT, GPTConfig
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic, OrderedTuples, SortedTuples, SparseParity,
                    Translation, make_batch)
@@ -778,6 +778,26 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
     family.sample = lambda *args: difficulties.append(args[-1]) or true_sample(*args)
     evaluate(model, family, split.test, cfg, torch.Generator().manual_seed(0), n_samples=8)
     assert difficulties and set(difficulties) == {1.0}
+
+
+@pytest.mark.parametrize("family", [SparseParity(5, 2, unsorted=True), Arithmetic(("add", "mul"), 3),
+                                    Translation(3, 3)], ids=["parity", "arithmetic", "translation"])
+@pytest.mark.parametrize("position", ["broadcast", "absolute"])
+def test_training_evaluation_and_decoding_keep_every_tensor_on_the_device(family, position):
+    # PyTorch's meta device computes shapes only, and refuses to mix with CPU tensors: any tensor that
+    # the code leaves on the CPU (a mask, a layout, an index) fails here as it would on a GPU.
+    meta = torch.device("meta")
+    cfg = small_config(position=position, token_shift=position == "broadcast", device="meta", dropout=0.1)
+    model = build_model(family, cfg).to(meta)
+    optimizer = make_optimizer(model, cfg)
+    tasks = torch.zeros((4, family.n_steps), dtype=torch.long, device=meta)  # meta has no generators: None below
+    tokens = make_batch(family, tasks, cfg.context_length, cfg.cot, None).tokens
+    loss = train_step(model, optimizer, tokens, answer_positions(family, cfg, meta), cfg.grad_clip)
+    assert loss.device == meta
+    steps_right, teacher_forced = score(model, family, tasks[:2], cfg, None, n_samples=4)
+    assert steps_right.device == teacher_forced.device == meta and steps_right.shape == (4, family.n_answer_steps)
+    prefix = tokens[:, :-make_batch(family, tasks, 2, True, None).answer_len]
+    assert model.generate(prefix, 2).shape == (4, 2)
 
 
 def test_every_experiment_configuration_is_a_valid_run():
