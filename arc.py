@@ -192,7 +192,7 @@ def uses_any(tasks, pairs):
 
 # ----------------------------------------------------------------------------- training
 
-POSITIONS = ("absolute", "example", "packed", "broadcast")  # how the model sees where a token sits (see GPTConfig)
+POSITIONS = ("absolute", "broadcast")  # GPT-2's positions, or the CPU recipe's packed inputs (see GPTConfig)
 
 
 @dataclass
@@ -202,8 +202,7 @@ class TrainConfig:
     n_layers: int = 3
     n_heads: int = 4
     width: int = 128
-    position: str = "example"  # "absolute" (GPT-2), "example" (GPTConfig.example_len), "packed" (+ input_len)
-    # or "broadcast" (packed + input_broadcast)
+    position: str = "absolute"  # "absolute" (GPT-2) or "broadcast" (inputs packed and broadcast, GPTConfig.input_len)
     embedding_std: float = 0.02  # initial std of the embeddings (GPTConfig.embedding_std); GPT-2: 0.02
     token_shift: bool = False  # each position also sees its predecessor's embedding (GPTConfig.token_shift)
     compile: bool = False  # torch.compile the training forward/backward
@@ -307,10 +306,8 @@ def build_model(family, cfg):
     config = GPTConfig(
         vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
-        example_len=example_len if cfg.position != "absolute" else 0,
-        input_len=family.input_len if cfg.position in ("packed", "broadcast") else 0,
-        input_broadcast=cfg.position == "broadcast", token_shift=cfg.token_shift, embedding_std=cfg.embedding_std,
-        dropout=cfg.dropout)
+        example_len=example_len, input_len=family.input_len if cfg.position == "broadcast" else 0,
+        token_shift=cfg.token_shift, embedding_std=cfg.embedding_std, dropout=cfg.dropout)
     return GPT(config)
 
 

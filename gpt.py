@@ -22,38 +22,16 @@ class GPTConfig:
     n_layer: int = 3
     n_head: int = 1
     n_embd: int = 192
-    # 0: GPT-2's learned absolute positions (the paper's model).
-    # E > 0: every sequence is a run of examples E tokens long, and a position p is
-    # encoded as (offset p % E within its example) + (index p // E of the example),
-    # both learned. The offset says which input coordinate or answer step a token
-    # is, the same in every example, which is what in-context task inference keys on.
-    example_len: int = 0
-    # P > 0 (needs example_len): the first P tokens of every example, its input x, enter the
-    # model as ONE position, the sum of a learned embedding per (offset, token): x as a single
-    # vector, as models of in-context function learning take it (Garg et al., 2022). Every
-    # coordinate then sits in its own direction from the first layer on, and a sequence is
-    # ~3x shorter. Inputs are not predicted: their logits are zero, but for the input's last
-    # position, which predicts the separator after it.
-    input_len: int = 0
-    # With packed inputs: every later position of an example also gets a learned linear map of its
-    # example's input vector. An answer token and the input it answers then meet in one residual
-    # vector from the first layer on, instead of after an attention layer that first has to learn
-    # to fetch the input; comparing the two is how the task is read off the context.
-    input_broadcast: bool = False
-    # Every position also gets a learned linear map of the previous position's embedding (a "token
-    # shift", as in RWKV). In the context, an answer step and the step before it then meet in one
-    # residual vector from the first layer on, so how they relate (the XOR of a parity step, the
-    # operation of an arithmetic step) can be read there without first growing a previous-token
-    # attention head. With packed inputs it is added before the input broadcast, so the vector an input
-    # broadcasts also carries the shifted-in previous token.
-    token_shift: bool = False
-    # Initial std of every embedding (tokens, positions, packed inputs). GPT-2 uses 0.02. With the
-    # output head tied to the token embedding, larger ones also make the head's logits larger at first.
-    # With broadcast inputs, 0.3 lets the circuit that reads the task off the context form, where 0.02
-    # stays on the plateau (docs/recipe.md).
-    embedding_std: float = 0.02
-    dropout: float = 0.0  # GPT-2's is 0.1, on embeddings, attention weights and residual branches
+    dropout: float = 0.0  # GPT-2's is 0.1: on embeddings, attention weights and residual branches
     bias: bool = True
+    embedding_std: float = 0.02  # initial std of every embedding (GPT-2: 0.02); the tied head starts as wte
+    # The CPU recipe's input encoding (docs/recipe.md); off, the model is GPT-2 with learned absolute positions.
+    # input_len P > 0: a sequence is a run of examples of example_len E tokens whose first P, the input x,
+    # enter as ONE position (a learned embedding per (offset, token), summed), broadcast through a learned
+    # map to the example's later positions; positions are (offset in the example) + (example index).
+    example_len: int = 0
+    input_len: int = 0
+    token_shift: bool = False  # every position also gets a learned map of the previous position's embedding
 
 
 class PackedLayout(NamedTuple):
@@ -63,7 +41,7 @@ class PackedLayout(NamedTuple):
     predicting: torch.Tensor  # tokens whose position's output is their prediction (last input token, answers)
     slot_example: torch.Tensor  # per position: its example
     input_slots: torch.Tensor  # the positions that are inputs
-    broadcast_source: torch.Tensor  # per position: where input_broadcast takes its input from (see packed_layout)
+    broadcast_source: torch.Tensor  # per position: where its broadcast input comes from (see packed_layout)
 
 
 class KVCache:
@@ -74,7 +52,7 @@ class KVCache:
         self.keys = self.values = None  # allocated at the first call, in k's dtype (autocast may change it)
         self.length = 0  # positions already stored (a packed input is one); advanced by GPT.forward
         self.tokens = 0  # tokens already seen; advanced by GPT.forward
-        self.last_input = None  # the packed vector of the latest input, for input_broadcast
+        self.last_input = None  # the packed vector of the latest input, to broadcast
         self.last_position = None  # the embedding of the latest position, for token_shift
 
     def extend(self, layer, k, v):
@@ -146,15 +124,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.input_len:
+        if config.input_len:  # packed inputs, broadcast to their examples' later positions
             assert 0 < config.input_len < config.example_len, "a packed input needs example_len > input_len"
             self.wte_input = nn.Embedding(config.input_len * config.vocab_size, config.n_embd)
-        if config.input_broadcast:
-            assert config.input_len, "input_broadcast needs packed inputs (input_len > 0)"
             self.input_to_answers = nn.Linear(config.n_embd, config.n_embd, bias=False)
         if config.token_shift:
             self.token_shift = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        if config.example_len:
+        if config.input_len:
             self.wpe = nn.Embedding(config.example_len, config.n_embd)
             self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
         else:
@@ -195,7 +171,7 @@ class GPT(nn.Module):
         slot_example = (slot[0] + torch.arange(n_slots)) // (E - P + 1)
         slot = slot - slot[0]  # counted from the chunk's first position
         input_slots = slot[offset < P].unique_consecutive()
-        # For input_broadcast, where each position's input vector comes from: 0 none (it is an input),
+        # Where each position's broadcast input vector comes from: 0 none (it is an input),
         # 1 the cache's latest input (the chunk starts after its example's input), 2 + j the j-th input here.
         broadcast_source = 2 + slot_example - slot_example[0] - int(offset[0] >= P)
         broadcast_source[input_slots] = 0
@@ -214,25 +190,21 @@ class GPT(nn.Module):
         (with packed inputs, their packed_layout on idx's device)."""
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
         E, P = self.config.example_len, self.config.input_len
-        if not E:
+        if not P:  # GPT-2
             return self.shifted(self.wte(idx) + self.wpe(pos), cache)
-        offset, example = pos % E, pos // E
-        x = self.wte(idx) + self.wpe(offset)
-        if not P:
-            return self.shifted(x, cache) + self.wpe_example(example)
+        offset = pos % E
         # Packed inputs: an example's P input tokens share one position, the one of its last.
-        x_input = self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx)
-        x = torch.where(layout.is_input.unsqueeze(-1), x_input, x)
+        x = torch.where(layout.is_input.unsqueeze(-1), self.wte_input(offset.clamp(max=P - 1) * self.config.vocab_size + idx),
+                        self.wte(idx) + self.wpe(offset))
         packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(1, layout.slot, x)
         packed = self.shifted(packed, cache)
-        if self.config.input_broadcast:
-            inputs = packed[:, layout.input_slots]
-            none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
-            previous = cache.last_input if cache is not None and cache.last_input is not None else none
-            sources = torch.cat([none, previous, inputs], dim=1)
-            packed = packed + self.input_to_answers(sources[:, layout.broadcast_source])
-            if cache is not None and inputs.size(1):
-                cache.last_input = inputs[:, -1:]
+        # Each input, broadcast to its example's later positions (the first of a cached chunk may need the cache's).
+        inputs = packed[:, layout.input_slots]
+        none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
+        previous = cache.last_input if cache is not None and cache.last_input is not None else none
+        packed = packed + self.input_to_answers(torch.cat([none, previous, inputs], dim=1)[:, layout.broadcast_source])
+        if cache is not None and inputs.size(1):
+            cache.last_input = inputs[:, -1:]
         return packed + self.wpe_example(layout.slot_example)
 
     def shifted(self, x, cache=None):

@@ -115,11 +115,9 @@ def add_common_args(parser):
     parser.add_argument("--n-heads", type=int, default=d.n_heads, help="attention heads per block (paper: 1)")
     parser.add_argument("--width", type=int, default=d.width, help="embedding width (paper: 192)")
     parser.add_argument("--position", choices=POSITIONS, default=d.position,
-                        help="absolute: GPT-2's learned absolute positions (the paper's); example: learned "
-                             "(offset within example + example index), which learns the d=3, k=1 case where "
-                             "absolute positions stay on the plateau; packed: example, and each input x enters "
-                             "as one position (a learned embedding per coordinate and value, summed); broadcast: "
-                             "packed, and every answer position also sees its example's input")
+                        help="absolute: GPT-2's learned absolute positions (the paper's); broadcast: each example's input "
+                             "x enters as one position (a learned embedding per coordinate and value, summed) and is "
+                             "added, through a learned map, to the example's answer positions (docs/recipe.md)")
     parser.add_argument("--embedding-std", type=float, default=d.embedding_std,
                         help="initial std of the token, position and input embeddings (GPT-2 and the paper: 0.02); "
                              "with --position broadcast, 0.3 or 1.0 let the in-context circuit form where 0.02 "

@@ -378,17 +378,15 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
 
 # ----------------------------------------------------------------------------- model
 
-# The position encodings as (example_len, input_len, input_broadcast, token_shift): absolute, per
-# example, packed inputs, packed inputs broadcast to their example's answers; two with a token shift.
-POSITION_ENCODINGS = st.sampled_from([(0, 0, False, False), (5, 0, False, False), (5, 3, False, False),
-                                      (5, 3, True, False), (0, 0, False, True), (5, 3, True, True)])
+# The input encodings as (example_len, input_len, token_shift): GPT-2's absolute positions, and inputs
+# packed and broadcast to their examples' answers; each with and without a token shift.
+POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 3, False), (0, 0, True), (5, 3, True)])
 
 
-def tiny_model(example_len=0, input_len=0, input_broadcast=False, token_shift=False, vocab_size=5, block_size=24):
+def tiny_model(example_len=0, input_len=0, token_shift=False, vocab_size=5, block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
-                         example_len=example_len, input_len=input_len, input_broadcast=input_broadcast,
-                         token_shift=token_shift)).eval()
+                         example_len=example_len, input_len=input_len, token_shift=token_shift)).eval()
 
 
 @PROPERTY
@@ -420,7 +418,7 @@ def test_packed_inputs_are_one_position_and_not_predicted():
 
 
 def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
-    model = tiny_model(5, 3, input_broadcast=True)
+    model = tiny_model(5, 3)
     idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[0, 5] = (idx[0, 5] + 1) % 5  # the second example's first input token
@@ -430,15 +428,18 @@ def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
     assert moved.any(-1)[0].tolist() == [False] * 3 + [True] * 3 + [False] * 6
 
 
-@pytest.mark.parametrize("encoding", [(0, 0, False, True), (5, 0, False, True)])
-def test_token_shift_puts_each_token_in_its_own_position_and_the_next(encoding):
+# GPT-2 positions: token 7 is position 7. Packed (examples of 5 tokens, 3 of them input): token 8 is the
+# second example's first answer-side token, at position 4 (positions 0-2 are the first example's).
+@pytest.mark.parametrize("encoding, token, positions", [((0, 0, True), 7, [7, 8]), ((5, 3, True), 8, [4, 5])])
+def test_token_shift_puts_each_token_in_its_own_position_and_the_next(encoding, token, positions):
     model = tiny_model(*encoding)
     idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
-    changed[0, 7] = (idx[0, 7] + 1) % 5
+    changed[0, token] = (idx[0, token] + 1) % 5
+    layout = model.packed_layout(0, 20) if model.config.input_len else None
     with torch.no_grad():
-        moved = (model.embed(idx, 0) != model.embed(changed, 0)).any(-1)[0]
-    assert moved.nonzero().flatten().tolist() == [7, 8]
+        moved = (model.embed(idx, 0, layout) != model.embed(changed, 0, layout)).any(-1)[0]
+    assert moved.nonzero().flatten().tolist() == positions
 
 
 @PROPERTY
@@ -465,7 +466,7 @@ def test_model_rejects_too_long_sequences():
 
 def test_embedding_std_sets_every_embedding_and_the_tied_head():
     model = GPT(GPTConfig(vocab_size=3, block_size=60, n_layer=1, n_head=2, n_embd=64, example_len=6, input_len=4,
-                          input_broadcast=True, embedding_std=0.3))
+                          embedding_std=0.3))
     embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     assert len(embeddings) == 4 and model.lm_head.weight is model.wte.weight
     for weight in embeddings:
@@ -756,7 +757,7 @@ def test_benchmark_reports_consistent_speeds():
         assert result[key] > 0
     assert result["train_tokens_per_second"] == pytest.approx(4 * (4 * 7 - 1) / result["train_step_seconds"])
     # Packed inputs: fewer positions than tokens, and no Hugging Face counterpart to time against.
-    packed = benchmark(SparseParity(4, 2), small_config(batch_size=4, position="packed"), repeats=1, precisions=("fp32",))
+    packed = benchmark(SparseParity(4, 2), small_config(batch_size=4, position="broadcast"), repeats=1, precisions=("fp32",))
     assert packed["positions_per_sample"] < result["positions_per_sample"] == 4 * 7 - 1
     assert "skipped" in packed["hf_gpt2"] and packed["generate_cached_equals_recompute"]
 
