@@ -598,7 +598,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     wall_seconds = time.time() - t0
     save(last_step, wall_seconds)
     return model, dict(
-        steps=last_step, wall_seconds=wall_seconds, seconds_per_step=wall_seconds / max(1, last_step),
+        steps=last_step, wall_seconds=wall_seconds,
         tokens_per_second=tokens_per_step * (last_step - start_step) / max(1e-9, wall_seconds - elapsed_before),
         history=history, time_to_accuracy=milestones, n_parameters=model.num_params())
 

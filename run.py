@@ -510,10 +510,12 @@ def summary(experiment, preset, groups, parser):
             notes += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
         covered = (f"{over_seeds(match('unseen_covered'))} / {over_seeds(match('unseen_uncovered'))} "
                    f"({len(first['unseen_uncovered']['per_task'])} tasks)") if "unseen_uncovered" in first else "all covered"
-        cost = lambda name, scale, digits: over_seeds([r[name] * scale for r in group if name in r], digits)
+        minutes = over_seeds([r["wall_seconds"] / 60 for r in group], 1)
+        per_step = over_seeds([r["wall_seconds"] / r["steps"] for r in group], 3)
+        memory = over_seeds([r["peak_memory_mb"] for r in group if "peak_memory_mb" in r], 0)
         lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
                      f"{over_seeds(match('unseen_tasks'))} | {over_seeds(match('train_tasks'))} | {covered} | "
-                     f"{cost('wall_seconds', 1 / 60, 1)} | {cost('seconds_per_step', 1, 3)} | {cost('peak_memory_mb', 1, 0)} | "
+                     f"{minutes} | {per_step} | {memory} | "
                      f"{'; '.join(notes)} |")
     return lines
 
