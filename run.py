@@ -552,7 +552,9 @@ def plot_experiment(experiment, groups, path):
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
     unseen = lambda r, group="unseen_tasks": r[group]["exact_match_generated"]
-    label = lambda key: " ".join(key[1:]).replace("--", "") or f"the {key[0]} preset"
+    shared = set.intersection(*(set(flag_groups(key[1:])) for key in groups))  # label runs by what sets them apart
+    label = lambda key: " ".join(" ".join(g) for g in flag_groups(key[1:]) if g not in shared).replace("--", "") or \
+        f"the {key[0]} preset"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if experiment == "n-tasks":  # accuracy against training tasks, one line per d, with its D ln D mark
         by_d = {}
@@ -581,13 +583,15 @@ def plot_experiment(experiment, groups, path):
         ax.set_xlabel("training step")
     else:  # bars: unseen tasks, and the in/out-of-distribution groups where an exclusion made them
         names = {"unseen_tasks": "all unseen", "unseen_in_distribution": "ID", "unseen_out_of_distribution": "OOD"}
+        centres = []
         for i, (key, group) in enumerate(groups.items()):
             present = [n for n in names if n in group[0]]
             ax.bar([i + 0.25 * j for j in range(len(present))], [np.mean([unseen(r, n) for r in group]) for n in present],
                    width=0.25, color=["C0", "C2", "C3"][:len(present)])
             for j, n in enumerate(present):
                 ax.text(i + 0.25 * j, 0.02, names[n], rotation=90, ha="center", va="bottom")
-        ax.set_xticks(range(len(groups)), [label(key) for key in groups], fontsize=7)
+            centres.append(i + 0.125 * (len(present) - 1))
+        ax.set_xticks(centres, [label(key) for key in groups], fontsize=7)
     ax.set_ylabel("generated exact match, unseen tasks")
     ax.set_ylim(0, 1.02)
     ax.set_title(experiment)
