@@ -8,6 +8,8 @@ import importlib.util
 import itertools
 import json
 import math
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -727,6 +729,24 @@ def test_list_and_shards_partition_an_experiments_runs(capsys):
         shards.append(capsys.readouterr().out.split())
     assert len(every) == len(set(every)) == 12 and sorted(sum(shards, [])) == sorted(every)
     assert all(len(name) < 200 for name in every)  # file names, with room for a folder's
+
+
+def test_every_command_in_the_readme_parses_and_its_runs_can_start():
+    import run
+    readme = open(__file__.rsplit("/", 1)[0] + "/README.md").read()
+    readme = re.sub(r"\$\{\w+\}|\$\(\([^)]*\)\)", "1", readme)  # shell variables in the examples: shard 1
+    commands = re.findall(r"python run\.py([^`#&;|\n]*)", readme)
+    assert len(commands) >= 10
+    for command in commands:
+        argv = shlex.split(command)
+        if "--help" in argv:
+            continue
+        argv = argv if argv and not argv[0].startswith("-") else ["parity", *argv]
+        args = run.build_parser().parse_args(argv)
+        if args.family in run.FAMILIES:
+            run.prepare_run(args)  # the split, the sizes and the memory check: everything before training
+        elif args.family in run.EXPERIMENTS:
+            assert run.experiment_runs(args)
 
 
 def test_cli_writes_the_results_file(tmp_path):
