@@ -551,6 +551,19 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     assert train(family, split, small_config(), Checkpoint(resume=str(half)), log=lambda _: None)[1]["steps"] == 6
 
 
+def test_a_checkpoint_from_another_device_type_resumes_with_fresh_data(tmp_path):
+    family = SparseParity(5, 2)
+    split = split_tasks(family.universe, 4, seed=0)
+    half = tmp_path / "half.pt"
+    train(family, split, small_config(), Checkpoint(path=str(half)), log=lambda _: None, stop_after=3)
+    state = torch.load(half, weights_only=False)
+    state["generator_device"], state["generator"] = "cuda", torch.zeros(16, dtype=torch.uint8)  # a CUDA state's size
+    torch.save(state, half)
+    lines = []
+    _, stats = train(family, split, small_config(), Checkpoint(resume=str(half)), log=lines.append)
+    assert stats["steps"] == 6 and any("written on cuda" in line for line in lines)
+
+
 def test_the_authors_optimizer_settings():
     torch.manual_seed(0)
     family = SparseParity(4, 2)
@@ -695,7 +708,8 @@ def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_pat
     assert "set aside" in capsys.readouterr().out
 
 
-def test_sigint_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop):
     tiny = ["parity", "--no-unsorted", "--d", "6", "--k", "2", "--n-train-tasks", "4", "--steps", "300",
             "--eval-every", "25", "--context-length", "4", "--width", "16", "--n-layers", "1", "--n-heads", "2",
             "--eval-samples", "40", "--device", "cpu"]
@@ -704,13 +718,15 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_
                                cwd=__file__.rsplit("/", 1)[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # interrupt once training is under way
         if line.startswith("step"):
-            process.send_signal(signal.SIGINT)
+            process.send_signal(stop)
             break
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
     assert "interrupted at step" in err and f"--resume {checkpoint}" in err
     step = torch.load(checkpoint, weights_only=False)["step"]
     assert 0 < step < 300 and not (tmp_path / "i.json").exists()
+    if stop == signal.SIGTERM:
+        return  # the same path from here on
     resumed = run_cli(*tiny, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed.json"))
     whole = run_cli(*tiny, "--out", str(tmp_path / "whole.json"))
     assert resumed.returncode == whole.returncode == 0, resumed.stderr + whole.stderr
