@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -120,7 +120,8 @@ def random_below(rng, n):
 
 def uniform_ranks(rng, n, count):
     """count distinct integers of 0..n-1, uniformly, in the order drawn. numpy's choice uses Floyd's
-    algorithm past 10,000, so the cost grows with count, not n; past int64, rejection does the same."""
+    algorithm when count is small against n (else it permutes n, which is then at most 50 count), so
+    the cost grows with count, not n; past int64, rejection does the same."""
     if n < 2**63:
         return [int(r) for r in rng.choice(n, count, replace=False)]
     drawn = {}  # a dict keeps the draw order
@@ -271,7 +272,7 @@ class TrainConfig:
             raise ValueError("input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total")
 
 
-def memory_needed(family, cfg, n_train_tasks):
+def memory_needed(family, cfg):
     """A rough upper estimate, in bytes, of what a run holds at once: the weights with their gradients
     and AdamW moments, a fixed dataset, and the larger of a training step's activations (kept for the
     backward pass) and an evaluation batch's (one layer at a time) with the scores it collects."""
@@ -282,7 +283,7 @@ def memory_needed(family, cfg, n_train_tasks):
     per_sample = 4 * (20 * tokens * width + 2 * heads * tokens * tokens)
     training = layers * cfg.batch_size * per_sample
     evaluation = min(500, max(1, EVAL_BATCH_TOKENS // tokens)) * per_sample + 16 * cfg.eval_samples * (tokens + 6)
-    dataset = 8 * tokens * max(cfg.n_train_total or 0, n_train_tasks if cfg.n_train_total else 0)
+    dataset = 8 * tokens * (cfg.n_train_total or 0)
     return weights + dataset + max(training, evaluation)
 
 
@@ -293,9 +294,9 @@ def memory_available(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(family, cfg, n_train_tasks):
+def check_memory(family, cfg):
     """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
-    needed, available = memory_needed(family, cfg, n_train_tasks), memory_available(torch.device(cfg.device))
+    needed, available = memory_needed(family, cfg), memory_available(torch.device(cfg.device))
     if needed > available:
         raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has {available / 2**30:,.1f} "
                          f"GiB: lower --width, --n-layers, --context-length, --batch-size, --n-train-total or --eval-samples")
@@ -338,9 +339,11 @@ class TrainingData:
         self.dataset = None
         if cfg.n_train_total is not None:
             # n_train_total samples split evenly across the training tasks
+            # drawn on the CPU from the seed, so that a resume on another device finds the same dataset
             per_task = max(1, cfg.n_train_total // len(train_tasks))
-            self.dataset = make_batch(family, self.tasks.repeat_interleave(per_task, dim=0), cfg.context_length, cfg.cot,
-                                      generator).tokens
+            tasks = torch.as_tensor(train_tasks).repeat_interleave(per_task, dim=0)
+            self.dataset = make_batch(family, tasks, cfg.context_length, cfg.cot,
+                                      torch.Generator().manual_seed(cfg.seed)).tokens.to(generator.device)
             self.steps_per_epoch = max(1, len(self.dataset) // cfg.batch_size)
             self.epoch, self.order = None, None
 
@@ -354,7 +357,8 @@ class TrainingData:
         if self.dataset is not None:
             epoch, index = divmod(step, self.steps_per_epoch)
             if epoch != self.epoch:  # an epoch's order follows from the seed and the epoch: a resume finds it again
-                order_generator = torch.Generator(device=self.dataset.device).manual_seed(hash((self.cfg.seed, epoch)))
+                seed = int(np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1, np.uint64)[0])
+                order_generator = torch.Generator(device=self.dataset.device).manual_seed(seed)
                 self.order = torch.randperm(len(self.dataset), generator=order_generator, device=self.dataset.device)
                 self.epoch = epoch
             return self.dataset[self.order[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]]
@@ -457,9 +461,10 @@ EVALUATION_ONLY = ("eval_samples", "eval_every", "device")
 class Interrupted(Exception):
     """Training stopped on SIGINT or SIGTERM, after saving a checkpoint where it could."""
 
-    def __init__(self, step, path):
-        saved = f"checkpoint saved to {path}; resume with the same command and --resume {path}" if path else \
-            "nothing saved (with --save FILE a run can be resumed)"
+    def __init__(self, step, path, resume=None):
+        self.step, self.path = step, path
+        saved = f"checkpoint saved to {path}; resume with {resume or f'the same command and --resume {path}'}" if path \
+            else "nothing saved (with --save FILE a run can be resumed)"
         super().__init__(f"interrupted at step {step}: {saved}")
 
 
@@ -469,7 +474,8 @@ def read_checkpoint(path, device="cpu"):
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # truncated, empty or foreign: torch raises many kinds
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}); delete it to start the run over")
-    if not isinstance(state, dict) or not {"model", "optimizer", "generator", "step", "config"} <= state.keys():
+    needed = {"model", "optimizer", "generator", "torch_rng", "step", "wall_seconds", "history", "milestones", "config"}
+    if not isinstance(state, dict) or not needed <= state.keys():
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project; delete it to start the run over")
     return state
 
@@ -520,16 +526,23 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     if checkpoint.resume:
         state = read_checkpoint(checkpoint.resume, device)
         saved = {**asdict(TrainConfig()), **state["config"]}  # a setting newer than the checkpoint had its default
-        differing = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in EVALUATION_ONLY and saved.get(k) != v}
+        # with a target, when progress evaluations happen decides where training stops
+        ignored = EVALUATION_ONLY if cfg.target_accuracy is None else tuple(k for k in EVALUATION_ONLY if k != "eval_every")
+        differing = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignored and saved.get(k) != v}
         saved_run, run = state.get("run") or {}, checkpoint.run or {}
         differing.update({k: "differs" for k in saved_run.keys() | run.keys() if saved_run.get(k) != run.get(k)})
         if differing:
             raise ValueError(f"checkpoint {checkpoint.resume} belongs to another run (saved, now): {differing}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["fused"] = device.type == "cuda"  # as make_optimizer sets it for this device
         start_step, elapsed_before = state["step"], state["wall_seconds"]
         if state.get("generator_device", "cpu") == device.type:
             generator.set_state(state["generator"].to(generator.get_state().device))
+            torch.set_rng_state(state["torch_rng"])  # dropout's masks
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
         else:  # each device type has its own generator state: draw the rest of the data from a new seed
             generator.manual_seed(cfg.seed + start_step)
             log(f"note: the checkpoint was written on {state['generator_device']}; the data from step {start_step} on "
@@ -540,8 +553,10 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     def save(step, elapsed):
         if checkpoint.path:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                         generator_device=device.type, step=step, wall_seconds=elapsed, history=history,
-                         milestones=milestones, config=asdict(cfg), run=checkpoint.run)
+                         generator_device=device.type, torch_rng=torch.get_rng_state(), step=step, wall_seconds=elapsed,
+                         history=history, milestones=milestones, config=asdict(cfg), run=checkpoint.run)
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
             atomic_write(checkpoint.path, lambda tmp: torch.save(state, tmp))
 
     stop_signals = []  # SIGINT or SIGTERM: save and stop after the step under way
@@ -555,6 +570,9 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     t0 = time.time() - elapsed_before
     last_log, last_log_step, last_save = time.time(), start_step, time.time()
     last_step = min(cfg.steps, stop_after or cfg.steps)
+    target_reached = lambda: cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in milestones
+    if target_reached():  # a resume of a run that had reached its target: nothing left to train
+        last_step = start_step
     try:
         for step in range(start_step, last_step):
             for group in optimizer.param_groups:
@@ -586,12 +604,12 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
                 if time.time() - last_save > cfg.checkpoint_every_seconds:
                     save(done, elapsed)
                     last_save = time.time()
+            if target_reached():
+                last_step = done  # training ends here
+                break
             if stop_signals:
                 save(done, time.time() - t0)
                 raise Interrupted(done, checkpoint.path)
-            if cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in milestones:
-                last_step = done  # the target is reached: training ends here
-                break
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)

@@ -331,8 +331,9 @@ class Translation(ARCFamily):
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, device = tasks.size(0), tasks.device
+        if self.word_ids.device != device:  # moved once, not copied at every batch
+            self.word_ids, self.tag_ids = self.word_ids.to(device), self.tag_ids.to(device)
         meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator, device=device)
         language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
-        words = self.word_ids.to(device)[language, meaning]
-        steps = torch.stack([self.tag_ids.to(device)[language], words], dim=3)  # (B, N, T, 2)
+        steps = torch.stack([self.tag_ids[language], self.word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
         return steps[:, :, 0], steps[:, :, 1:]

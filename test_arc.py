@@ -531,15 +531,17 @@ def test_weight_decay_shrinks_matrices_and_embeddings_but_not_biases_or_norms():
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     family = SparseParity(5, 2)
     split = split_tasks(family.universe, 4, seed=0)
-    uninterrupted = run_split(family, split, small_config(), log=lambda _: None)
-    # Stop half way (a run of 3 of the 6 steps writes the checkpoint a killed run would have left) ...
-    half = tmp_path / "half.pt"
-    train(family, split, small_config(steps=6), Checkpoint(path=str(half)), log=lambda _: None, stop_after=3)
-    assert torch.load(half, weights_only=False)["step"] == 3
-    # ... and resume it.
-    resumed = run_split(family, split, small_config(), checkpoint=Checkpoint(resume=str(half)), log=lambda _: None)
-    for group in ("train_tasks", "unseen_tasks"):
-        assert resumed[group] == uninterrupted[group]
+    # dropout draws from torch's own generator, which the checkpoint carries too
+    for config in (small_config(), small_config(dropout=0.3)):
+        uninterrupted = run_split(family, split, config, log=lambda _: None)
+        # Stop half way (a run of 3 of the 6 steps writes the checkpoint a killed run would have left) ...
+        half = tmp_path / "half.pt"
+        train(family, split, config, Checkpoint(path=str(half)), log=lambda _: None, stop_after=3)
+        assert torch.load(half, weights_only=False)["step"] == 3
+        # ... and resume it.
+        resumed = run_split(family, split, config, checkpoint=Checkpoint(resume=str(half)), log=lambda _: None)
+        for group in ("train_tasks", "unseen_tasks"):
+            assert resumed[group] == uninterrupted[group]
     with pytest.raises(ValueError, match="another run"):
         train(family, split, small_config(lr=1e-2), Checkpoint(resume=str(half)), log=lambda _: None)
     # A checkpoint older than a setting was written with that setting's default, and says so.
@@ -596,8 +598,11 @@ def test_training_stops_at_the_target_and_says_when(tmp_path):
     family = SparseParity(5, 2)
     split = split_tasks(family.universe, 4, seed=0)
     cfg = small_config(steps=40, eval_every=4, target_accuracy=0.0, schedule_steps=400)
-    model, stats = train(family, split, cfg, log=lambda _: None)
+    model, stats = train(family, split, cfg, Checkpoint(path=str(tmp_path / "c.pt")), log=lambda _: None)
     assert stats["steps"] == 4 and stats["time_to_accuracy"]["0.0"]["step"] == 4
+    # a resume of a run that reached its target trains no further
+    _, again = train(family, split, cfg, Checkpoint(resume=str(tmp_path / "c.pt")), log=lambda _: None)
+    assert again["steps"] == 4
     assert learning_rate(4, cfg) > learning_rate(4, small_config(steps=40, eval_every=4))  # decays over 400 steps
 
 
@@ -650,7 +655,10 @@ def run_cli(*args, cwd=None):
     (["--out", "/proc/x/y.json"], "cannot be written"),
     (["--save", "/proc/x/y.pt"], "cannot be written"),
     (["--out", "."], "is a folder"),
-    (["--out", "same.json", "--save", "same.json"], "name the same file"),
+    (["--out", "same.json", "--save", "same.json"], "names the checkpoint file"),
+    (["n-tasks", "--out", "/proc/x"], "cannot be written"),
+    (["all", "--out", "/proc/x"], "cannot be written"),
+    (["--no-unsorted", "--d", "10", "--missing-coordinate", "1", "9"], "removes no task"),
     (["--width", "1000000"], "this run needs about"),
     (["--n-layers", "100000"], "this run needs about"),
     (["--context-length", "100000"], "this run needs about"),
