@@ -328,12 +328,14 @@ class Translation(ARCFamily):
         # (D, n_meanings) token id of each meaning's word in each language; (D,) tag ids
         self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()] for language in self.languages])
         self.tag_ids = torch.arange(n_languages)
+        self.ids_on = {}  # device -> (word_ids, tag_ids) there
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, device = tasks.size(0), tasks.device
-        if self.word_ids.device != device:  # moved once, not copied at every batch
-            self.word_ids, self.tag_ids = self.word_ids.to(device), self.tag_ids.to(device)
+        if device not in self.ids_on:  # copied to a device once, not at every batch
+            self.ids_on[device] = self.word_ids.to(device), self.tag_ids.to(device)
+        word_ids, tag_ids = self.ids_on[device]
         meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator, device=device)
         language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
-        steps = torch.stack([self.tag_ids[language], self.word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
+        steps = torch.stack([tag_ids[language], word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
         return steps[:, :, 0], steps[:, :, 1:]
