@@ -1,7 +1,7 @@
 
 """What the experiments rely on, pinned down: task splits, data, model, training, CLI.
 
-Run with `python -m pytest -q` (about three minutes on 2 CPU cores).
+Run with `python -m pytest -q` (about four minutes on 2 CPU cores).
 """
 
 import importlib.util
