@@ -9,7 +9,6 @@ import bisect
 import json
 import math
 import os
-import random
 import re
 import resource
 import signal
@@ -716,8 +715,8 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     generator = torch.Generator(device=device).manual_seed(0)
     model = build_model(family, cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    rng = random.Random(0)
-    ranks = [rng.randrange(family.universe.size) for _ in range(cfg.batch_size)]
+    rng = np.random.default_rng(0)
+    ranks = [random_below(rng, family.universe.size) for _ in range(cfg.batch_size)]
     tasks = torch.as_tensor(family.universe.tuples(ranks), device=device)
     batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
     positions = answer_positions(family, cfg, device)
