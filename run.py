@@ -11,10 +11,11 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -259,6 +260,21 @@ def run_definition(args, split):
                 missing_pair=args.missing_pair, train_tasks=split.train.tolist(), test_tasks=split.test.tolist())
 
 
+def provenance(cfg):
+    """What a result depends on beyond its flags: the settings as resolved, the code, torch and the machine."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        commit, changed = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, changed = None, None
+    device = torch.device(cfg.device)
+    precision = {"bf16": "bf16 autocast"}.get(cfg.precision, "fp32, TF32 matmuls" if device.type == "cuda" else "fp32")
+    return dict(train_config=asdict(cfg), precision=precision, torch=torch.__version__, git_commit=commit,
+                uncommitted_changes=changed, threads=torch.get_num_threads(),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+
+
 def run_family(args):
     """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
     args.out = out = args.out or os.path.join("out", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -272,7 +288,8 @@ def run_family(args):
     results = run_split(family, split, cfg, exclusion, checkpoint, log)
     results = dict(config=vars(args), family=args.family, n_total_tasks=split.n_total, n_train_tasks=len(split.train),
                    n_test_tasks=len(split.test), train_task_list=split.train.tolist(),
-                   test_task_list=split.test.tolist(), uncovered_step_options=split.uncovered, **results)
+                   test_task_list=split.test.tolist(), uncovered_step_options=split.uncovered, **provenance(cfg),
+                   **results)
     save_json(out, results)
     print_table(results)
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training tokens/s; results in {out}")
