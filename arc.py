@@ -247,6 +247,8 @@ class TrainConfig:
             raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.token_shift and self.position != "broadcast":
+            raise ValueError("token-shift is part of the packed input encoding: it needs --position broadcast")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and torch.device(self.device).type not in ("cpu", "cuda"):
@@ -728,10 +730,10 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     # 6 * 2 * n_layer * T * width over the causal half of a T-token context.
     # Counted per position: with packed inputs the model sees fewer positions than tokens.
     seq = batch.tokens.size(1) - 1
-    if model.config.input_len:
-        seq = len(model.packed_layout(0, seq)[3])
+    if model.packed is not None:
+        seq = len(model.packed.layout(0, seq, device).slot_example)
     n_weights = sum(p.numel() for name, p in model.named_parameters()
-                    if not name.startswith(("wpe", "wte_input")))  # lookups, no matmul; wte is also the head
+                    if not name.startswith(("wpe", "packed.wpe", "packed.wte_input")))  # lookups, no matmul; wte is also the head
     flops_per_position = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {precision: matmul_peak(device, dtypes[precision]) for precision in precisions}
@@ -746,7 +748,7 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     data_tasks = tasks.repeat(data_batch // len(tasks) + 1, 1)[:data_batch]
     data_seconds = timed(lambda: make_batch(family, data_tasks, cfg.context_length, cfg.cot, generator), repeats, device)
     model.train()
-    if model.config.input_len:
+    if model.packed is not None:
         hf_gpt2 = dict(skipped="Hugging Face's GPT-2 has no packed inputs to compare with")
     else:
         hf_gpt2 = hf_gpt2_speedup(model, cfg, batch.tokens, positions, precision) or dict(skipped="transformers is not installed")

@@ -381,8 +381,8 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
 # ----------------------------------------------------------------------------- model
 
 # The input encodings as (example_len, input_len, token_shift): GPT-2's absolute positions, and inputs
-# packed and broadcast to their examples' answers; each with and without a token shift.
-POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 3, False), (0, 0, True), (5, 3, True)])
+# packed and broadcast to their examples' answers, with and without the token shift.
+POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 3, False), (5, 3, True)])
 
 
 def tiny_model(example_len=0, input_len=0, token_shift=False, vocab_size=5, block_size=24):
@@ -403,18 +403,16 @@ def test_causality(encoding, cut, seed):
         assert torch.allclose(model(idx)[:, :cut], model(changed)[:, :cut], atol=1e-5)
         # and a prefix alone gets the logits it has inside the whole sequence
         assert torch.allclose(model(idx[:, :cut]), model(idx)[:, :cut], atol=1e-5)
-        # and the last-token-only forward (what decoding uses) gets the same last logits
-        assert torch.allclose(model(idx[:, :cut], last_only=True), model(idx[:, :cut])[:, -1:], atol=1e-5)
 
 
 def test_packed_inputs_are_one_position_and_not_predicted():
     model = tiny_model(5, 3)
     idx = torch.randint(5, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        x = model.embed(idx, 0, model.packed_layout(0, 20))
+        x, layout = model.packed(idx, 0, model.wte)
         logits = model(idx)
     assert x.shape == (2, 4 * 3, 16)  # 4 examples of (packed input, 2 more tokens)
-    assert model.packed_layout(0, 20)[1].tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
+    assert layout.slot.tolist() == [e * 3 + s for e in range(4) for s in (0, 0, 0, 1, 2)]
     predicted = logits.abs().sum(-1) > 0
     assert predicted.tolist() == [[offset >= 2 for _ in range(4) for offset in range(5)]] * 2
 
@@ -425,22 +423,21 @@ def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
     changed = idx.clone()
     changed[0, 5] = (idx[0, 5] + 1) % 5  # the second example's first input token
     with torch.no_grad():
-        moved = (model.embed(idx, 0, model.packed_layout(0, 20)) != model.embed(changed, 0, model.packed_layout(0, 20)))
+        moved = model.packed(idx, 0, model.wte)[0] != model.packed(changed, 0, model.wte)[0]
     # positions: 3 per example (packed input, then 2 answer-side tokens); the second example's move, no other
     assert moved.any(-1)[0].tolist() == [False] * 3 + [True] * 3 + [False] * 6
 
 
-# GPT-2 positions: token 7 is position 7. Packed (examples of 5 tokens, 3 of them input): token 8 is the
-# second example's first answer-side token, at position 4 (positions 0-2 are the first example's).
-@pytest.mark.parametrize("encoding, token, positions", [((0, 0, True), 7, [7, 8]), ((5, 3, True), 8, [4, 5])])
-def test_token_shift_puts_each_token_in_its_own_position_and_the_next(encoding, token, positions):
-    model = tiny_model(*encoding)
+# Examples of 5 tokens, 3 of them input: token 8 is the second example's first answer-side token, at
+# position 4 (positions 0-2 are the first example's); without the shift it moves position 4 alone.
+@pytest.mark.parametrize("token_shift, positions", [(True, [4, 5]), (False, [4])])
+def test_token_shift_puts_each_token_in_its_own_position_and_the_next(token_shift, positions):
+    model = tiny_model(5, 3, token_shift)
     idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
-    changed[0, token] = (idx[0, token] + 1) % 5
-    layout = model.packed_layout(0, 20) if model.config.input_len else None
+    changed[0, 8] = (idx[0, 8] + 1) % 5
     with torch.no_grad():
-        moved = (model.embed(idx, 0, layout) != model.embed(changed, 0, layout)).any(-1)[0]
+        moved = (model.packed(idx, 0, model.wte)[0] != model.packed(changed, 0, model.wte)[0]).any(-1)[0]
     assert moved.nonzero().flatten().tolist() == positions
 
 
@@ -651,6 +648,7 @@ def run_cli(*args, cwd=None):
     (["--weight-decay", "inf"], "weight-decay must not be negative, and finite"),
     (["--embedding-std", "inf"], "embedding-std must be positive and finite"),
     (["--warmup-steps", "-100"], "warmup-steps must not be negative"),
+    (["--position", "absolute"], "token-shift is part of the packed input encoding"),
     (["--k", "1", "--missing-pair", "1", "2"], "at least 2 steps"),
     (["--n-train-total", "5"], "fewer than one sample for each of the 41"),
     (["--out", "/proc/x/y.json"], "cannot be written"),
