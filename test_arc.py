@@ -611,62 +611,67 @@ def run_cli(*args, cwd=None):
                           cwd=cwd or __file__.rsplit("/", 1)[0], timeout=300)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--k", "11"], "k must be between 1 and d"),
-    (["--k", "0"], "k must be between 1 and d"),
-    (["--d", "0"], "d must be at least 1"),
-    (["--no-unsorted", "--d", "10", "--n-train-tasks", "120"], "only 120 tasks exist"),
-    (["--unsorted", "--d", "10", "--n-train-tasks", "720"], "only 720 tasks exist"),
-    (["--n-train-tasks", "-4"], "at least 1"),
-    (["--context-length", "0"], "context-length must be at least 1"),
-    (["--missing-coordinate", "4", "1"], "position must be in 1..3"),
-    (["--d", "10", "--missing-coordinate", "1", "10"], "value must be in 0..9"),
-    (["--missing-pair", "2", "2"], "two different values"),
-    (["--d", "10", "--missing-pair", "2", "10"], "values must be in 0..9"),
-    (["--no-unsorted", "--d", "4", "--k", "2", "--n-train-tasks", "4", "--missing-pair", "0", "1",
-      "--missing-coordinate", "1", "0"], "exclusion leaves"),
-    (["--device", "tpu"], "unknown device"),
-    (["--width", "100", "--n-heads", "3"], "not divisible"),
-    (["--lr", "0"], "lr must be positive"),
-    (["--embedding-std", "0"], "embedding-std must be positive"),
-    (["--weight-decay", "-0.1"], "weight-decay must not be negative"),
-    (["--resume", "no/such/file.pt"], "does not exist"),
-    (["--dropout", "1"], "dropout must be in [0, 1)"),
-    (["--min-lr", "1"], "min-lr must be in [0, lr]"),
-    (["--adam-beta2", "1"], "adam-beta2 must be in [0, 1)"),
-    (["--grad-clip", "-1"], "grad-clip must be 0 (none) or positive"),
-    (["--schedule-steps", "0"], "schedule-steps must be at least 1"),
-    (["--target-accuracy", "2"], "target-accuracy must be in [0, 1]"),
-    (["arithmetic", "--input-curriculum", "2"], "input-curriculum must be a fraction"),
-    (["arithmetic", "--input-curriculum", "0.5", "--n-train-total", "100"], "cannot be used with n-train-total"),
-    (["--precision", "fp16"], "invalid choice"),
-    (["no-such-experiment"], "invalid choice"),
-    (["--seed", "-1"], "seed must be in"),
-    (["--seed", str(2**70)], "seed must be in"),
-    (["arithmetic", "--d", "5"], "unrecognized arguments: --d"),  # not an abbreviation of --device
-    (["--lr", "inf"], "lr must be positive and finite"),
-    (["--weight-decay", "inf"], "weight-decay must not be negative, and finite"),
-    (["--embedding-std", "inf"], "embedding-std must be positive and finite"),
-    (["--warmup-steps", "-100"], "warmup-steps must not be negative"),
-    (["--position", "absolute"], "token-shift is part of the packed input encoding"),
-    (["--k", "1", "--missing-pair", "1", "2"], "at least 2 steps"),
-    (["--n-train-total", "5"], "fewer than one sample for each of the 41"),
-    (["--out", "/proc/x/y.json"], "cannot be written"),
-    (["--save", "/proc/x/y.pt"], "cannot be written"),
-    (["--out", "."], "is a folder"),
-    (["--out", "same.json", "--save", "same.json"], "names the checkpoint file"),
-    (["n-tasks", "--out", "/proc/x"], "cannot be written"),
-    (["all", "--out", "/proc/x"], "cannot be written"),
-    (["--no-unsorted", "--d", "10", "--missing-coordinate", "1", "9"], "removes no task"),
-    (["--width", "1000000"], "this run needs about"),
-    (["--n-layers", "100000"], "this run needs about"),
-    (["--context-length", "100000"], "this run needs about"),
-    (["--batch-size", "1000000000"], "this run needs about"),
-    (["--n-train-total", "1000000000"], "this run needs about"),
-    (["--eval-samples", "1000000000000"], "this run needs about"),
-    (["n-tasks", "--shard", "0/4"], "shard must be I/N"),
-    (["n-tasks", "--seeds", "0"], "seeds must be at least 1"),
-])
+# A line each: the arguments, then what the error line says (arithmetic has no --d: not an abbreviation of
+# --device).
+BAD_INPUT = """
+--k 11                                                                      => k must be between 1 and d
+--k 0                                                                       => k must be between 1 and d
+--d 0                                                                       => d must be at least 1
+--no-unsorted --d 10 --n-train-tasks 120                                    => only 120 tasks exist
+--unsorted --d 10 --n-train-tasks 720                                       => only 720 tasks exist
+--n-train-tasks -4                                                          => at least 1
+--context-length 0                                                          => context-length must be at least 1
+--missing-coordinate 4 1                                                    => position must be in 1..3
+--d 10 --missing-coordinate 1 10                                            => value must be in 0..9
+--missing-pair 2 2                                                          => two different values
+--d 10 --missing-pair 2 10                                                  => values must be in 0..9
+--no-unsorted --d 4 --k 2 --n-train-tasks 4 --missing-pair 0 1 --missing-coordinate 1 0 => exclusion leaves
+--device tpu                                                                => unknown device
+--width 100 --n-heads 3                                                     => not divisible
+--lr 0                                                                      => lr must be positive
+--embedding-std 0                                                           => embedding-std must be positive
+--weight-decay -0.1                                                         => weight-decay must not be negative
+--resume no/such/file.pt                                                    => does not exist
+--dropout 1                                                                 => dropout must be in [0, 1)
+--min-lr 1                                                                  => min-lr must be in [0, lr]
+--adam-beta2 1                                                              => adam-beta2 must be in [0, 1)
+--grad-clip -1                                                              => grad-clip must be 0 (none) or positive
+--schedule-steps 0                                                          => schedule-steps must be at least 1
+--target-accuracy 2                                                         => target-accuracy must be in [0, 1]
+arithmetic --input-curriculum 2                                             => input-curriculum must be a fraction
+arithmetic --input-curriculum 0.5 --n-train-total 100                       => cannot be used with n-train-total
+--precision fp16                                                            => invalid choice
+no-such-experiment                                                          => invalid choice
+--seed -1                                                                   => seed must be in
+--seed 1180591620717411303424                                               => seed must be in
+arithmetic --d 5                                                            => unrecognized arguments: --d
+--lr inf                                                                    => lr must be positive and finite
+--weight-decay inf                                                          => weight-decay must not be negative, and finite
+--embedding-std inf                                                         => embedding-std must be positive and finite
+--warmup-steps -100                                                         => warmup-steps must not be negative
+--position absolute                                                         => token-shift is part of the packed input encoding
+--k 1 --missing-pair 1 2                                                    => at least 2 steps
+--n-train-total 5                                                           => fewer than one sample for each of the 41
+--out /proc/x/y.json                                                        => cannot be written
+--save /proc/x/y.pt                                                         => cannot be written
+--out .                                                                     => is a folder
+--out same.json --save same.json                                            => names the checkpoint file
+n-tasks --out /proc/x                                                       => cannot be written
+all --out /proc/x                                                           => cannot be written
+--no-unsorted --d 10 --missing-coordinate 1 9                               => removes no task
+--width 1000000                                                             => this run needs about
+--n-layers 100000                                                           => this run needs about
+--context-length 100000                                                     => this run needs about
+--batch-size 1000000000                                                     => this run needs about
+--n-train-total 1000000000                                                  => this run needs about
+--eval-samples 1000000000000                                                => this run needs about
+n-tasks --shard 0/4                                                         => shard must be I/N
+n-tasks --seeds 0                                                           => seeds must be at least 1
+"""
+
+
+@pytest.mark.parametrize("args, message", [(shlex.split(line.split(" => ")[0]), line.split(" => ")[1])
+                                           for line in BAD_INPUT.strip().splitlines()])
 def test_bad_input_is_one_clear_error(args, message, capsys, tmp_path, monkeypatch):
     import run
     monkeypatch.chdir(tmp_path)  # whatever a bad command might write lands here
