@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -192,19 +192,22 @@ def uses_any(tasks, pairs):
 
 # ----------------------------------------------------------------------------- training
 
-POSITIONS = ("absolute", "broadcast")  # GPT-2's positions, or the CPU recipe's packed inputs (see GPTConfig)
+POSITIONS = ("absolute", "broadcast")  # GPT-2's positions, or the CPU recipe's packed inputs (gpt.PackedInputs)
+FLAGS = {"n_layer": "n-layers", "n_head": "n-heads", "n_embd": "width"}  # the command-line names of these fields
 
 
 @dataclass
 class TrainConfig:
-    context_length: int = 12  # N: examples per sample, the last one is the query
+    """Every model and training setting of a run. The defaults are the CPU recipe (docs/recipe.md);
+    run.py's family presets and experiments are overrides of these fields."""
+    context_length: int = 20  # N: examples per sample, the last one is the query
     cot: bool = True
-    n_layers: int = 3
-    n_heads: int = 4
-    width: int = 128
-    position: str = "absolute"  # "absolute" (GPT-2) or "broadcast" (inputs packed and broadcast, GPTConfig.input_len)
-    embedding_std: float = 0.02  # initial std of the embeddings (GPTConfig.embedding_std); GPT-2: 0.02
-    token_shift: bool = False  # each position also sees its predecessor's embedding (GPTConfig.token_shift)
+    n_layer: int = 3  # the model's settings carry GPTConfig's names
+    n_head: int = 4
+    n_embd: int = 128
+    position: str = "broadcast"  # "absolute" (GPT-2) or "broadcast" (gpt.PackedInputs)
+    embedding_std: float = 0.3  # initial std of the embeddings; GPT-2: 0.02
+    token_shift: bool = True  # each position also sees its predecessor's embedding (gpt.PackedInputs)
     compile: bool = False  # torch.compile the training forward/backward
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": fp32 (TF32 matmuls on CUDA)
     dropout: float = 0.0  # on embeddings, attention weights and residual branches (GPTConfig.dropout)
@@ -213,28 +216,28 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule_steps: int = None  # the cosine schedule's length (None: steps); training may stop before it ends
     adam_beta2: float = 0.95
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     decay_all: bool = False  # weight decay on every parameter (torch's AdamW), not only matrices and embeddings
     grad_clip: float = 1.0  # 0: no clipping
     batch_size: int = 8
-    steps: int = 5000  # the most optimizer steps
+    steps: int = 8000  # the most optimizer steps
     target_accuracy: float = None  # stop once a progress evaluation's unseen-task exact match reaches it
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
     # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
     # easiest to its true distribution: the easiest for its first 30%, then a linear ramp
     input_curriculum: float = 0.0
-    eval_every: int = 500
+    eval_every: int = 2000
     eval_samples: int = 2000  # samples per task group at the final evaluation
     seed: int = 0
     device: str = "cpu"
     checkpoint_every_seconds: float = 120.0
 
     def check(self):
-        for name in ("context_length", "n_layers", "n_heads", "width", "batch_size", "steps", "eval_every", "eval_samples"):
+        for name in ("context_length", "n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.width % self.n_heads:
-            raise ValueError(f"width {self.width} is not divisible by n-heads {self.n_heads}")
+                raise ValueError(f"{FLAGS.get(name, name.replace('_', '-'))} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"width {self.n_embd} is not divisible by n-heads {self.n_head}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
@@ -278,7 +281,7 @@ def memory_needed(family, cfg):
     and AdamW moments, a fixed dataset, and the larger of a training step's activations (kept for the
     backward pass) and an evaluation batch's (one layer at a time) with the scores it collects."""
     tokens = cfg.context_length * family.example_len(cfg.cot)
-    width, layers, heads = cfg.width, cfg.n_layers, cfg.n_heads
+    width, layers, heads = cfg.n_embd, cfg.n_layer, cfg.n_head
     embeddings = (family.vocab_size * (1 + family.input_len) + tokens) * width
     weights = 16 * (12 * layers * width * width + embeddings)
     per_sample = 4 * (20 * tokens * width + 2 * heads * tokens * tokens)
@@ -304,13 +307,12 @@ def check_memory(family, cfg):
 
 
 def build_model(family, cfg):
+    """The GPT for this family's sequences: cfg's model settings, and the family's example shape."""
     example_len = family.example_len(cfg.cot)
-    config = GPTConfig(
-        vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width,
-        example_len=example_len, input_len=family.input_len if cfg.position == "broadcast" else 0,
-        token_shift=cfg.token_shift, embedding_std=cfg.embedding_std, dropout=cfg.dropout)
-    return GPT(config)
+    model_settings = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
+    return GPT(GPTConfig(vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
+                         example_len=example_len, input_len=family.input_len if cfg.position == "broadcast" else 0,
+                         **model_settings))
 
 
 def learning_rate(step, cfg):
@@ -734,7 +736,7 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
         seq = len(model.packed.layout(0, seq, device).slot_example)
     n_weights = sum(p.numel() for name, p in model.named_parameters()
                     if not name.startswith(("wpe", "packed.wpe", "packed.wte_input")))  # lookups, no matmul; wte is also the head
-    flops_per_position = 6 * n_weights + 6 * cfg.n_layers * seq * cfg.width
+    flops_per_position = 6 * n_weights + 6 * cfg.n_layer * seq * cfg.n_embd
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {precision: matmul_peak(device, dtypes[precision]) for precision in precisions}
     achieved = flops_per_position * batch.tokens.size(0) * seq / step_seconds[precision]

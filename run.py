@@ -25,7 +25,6 @@ from arc import (POSITIONS, Checkpoint, Exclusion, Interrupted, TrainConfig, ato
                  coverage, parse_task_count, read_checkpoint, run_split, save_json, split_tasks)
 from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
-TRAIN_DEFAULTS = TrainConfig()
 
 
 def log(line):
@@ -40,11 +39,10 @@ class Family:
 
 
 def add_parity_args(parser):
-    parser.add_argument("--d", type=int,  # the default is the preset's
-                        help="input length: x is uniform in {0,1}^d; D = d options per step")
+    parser.add_argument("--d", type=int, default=7, help="input length: x is uniform in {0,1}^d; D = d options per step")
     parser.add_argument("--k", type=int, default=3,
                         help="secret coordinates per task: the answer is the parity of k bits; T = k steps")
-    parser.add_argument("--unsorted", action=argparse.BooleanOptionalAction,
+    parser.add_argument("--unsorted", action=argparse.BooleanOptionalAction, default=True,
                         help="tasks are ordered k-tuples (d!/(d-k)! tasks) instead of the paper's sorted ones "
                              "(C(d,k)); the chain of thought follows the tuple's order")
 
@@ -75,30 +73,24 @@ def build_translation(args):
     return Translation(args.languages, args.steps_per_task)
 
 
-# `python run.py` is `python run.py parity`: parity's preset is the CPU default.
+# `python run.py` is `python run.py parity`: the CPU default is TrainConfig's recipe on parity's own defaults,
+# ordered 3-tuples of 7 coordinates, trained on 3 d ln d = 41 of the 210 tasks (every (step, option) pair
+# covered). Each other family's preset names the fields where it departs from the recipe.
 FAMILIES = {
-    # The CPU default (docs/recipe.md says why): ordered 3-tuples of 7 coordinates, trained on
-    # 3 d ln d = 41 of the 210 tasks (every (step, option) pair covered). Each input is broadcast to its
-    # answers and the embeddings start large (0.3), which lets the in-context circuit form at all; 20
-    # examples per sample make the task readable enough off the context for it to keep sharpening; the
-    # token shift and weight decay make the XOR steps form on every seed tried (0-4: 0.92-0.97).
-    "parity": Family(add_parity_args, build_parity,
-                     dict(d=7, unsorted=True, n_train_tasks="3dlogd", context_length=20, position="broadcast",
-                          embedding_std=0.3, token_shift=True, weight_decay=0.1, steps=8000, eval_every=2000)),
-    # Arithmetic (docs/recipe.md): the parity recipe without weight decay, 12 examples, and an input curriculum,
-    # without which add and sub are never told apart in context: small operands first, where they move y_t in
-    # opposite directions, then all of 0..p-1.
+    "parity": Family(add_parity_args, build_parity, {}),
+    # Arithmetic (docs/recipe.md): no weight decay, 12 examples, and an input curriculum, without which add and
+    # sub are never told apart in context: small operands first, where they move y_t in opposite directions.
     "arithmetic": Family(add_arithmetic_args, build_arithmetic,
-                         dict(n_train_tasks="72", context_length=12, position="broadcast", embedding_std=0.3,
-                              token_shift=True, input_curriculum=0.6, steps=12000, eval_every=2000)),
+                         dict(n_train_tasks="72", context_length=12, weight_decay=0.0, input_curriculum=0.6, steps=12000)),
+    # Translation is learned by a plain two-layer GPT-2 in a few hundred steps.
     "translation": Family(add_translation_args, build_translation,
-                          dict(n_train_tasks="40", context_length=4, n_layers=2, position="absolute", lr=3e-3,
-                               batch_size=32, steps=800)),
+                          dict(n_train_tasks="40", context_length=4, n_layer=2, position="absolute", embedding_std=0.02,
+                               token_shift=False, weight_decay=0.0, lr=3e-3, batch_size=32, steps=800, eval_every=500)),
 }
 
 
 def add_common_args(parser):
-    d = TRAIN_DEFAULTS
+    d = TrainConfig()  # the one source of every default below; a family's preset overrides some
     parser.add_argument("--n-train-tasks", default="3dlogd",
                         help="training tasks, drawn after the unseen test tasks: an integer or a multiple of "
                              "D ln D such as 3dlogd (the paper's claim: about D ln D suffice with CoT)")
@@ -112,9 +104,9 @@ def add_common_args(parser):
                         help="no training task has theta_C = V (C is a 1-based step, V an option): paper Section 5.1")
     parser.add_argument("--missing-pair", type=int, nargs=2, metavar=("A", "B"),
                         help="no training task contains both options A and B: paper Section 5.1")
-    parser.add_argument("--n-layers", type=int, default=d.n_layers, help="transformer blocks (paper: 3)")
-    parser.add_argument("--n-heads", type=int, default=d.n_heads, help="attention heads per block (paper: 1)")
-    parser.add_argument("--width", type=int, default=d.width, help="embedding width (paper: 192)")
+    parser.add_argument("--n-layers", dest="n_layer", type=int, default=d.n_layer, help="transformer blocks (paper: 3)")
+    parser.add_argument("--n-heads", dest="n_head", type=int, default=d.n_head, help="attention heads per block (paper: 1)")
+    parser.add_argument("--width", dest="n_embd", type=int, default=d.n_embd, help="embedding width (paper: 192)")
     parser.add_argument("--position", choices=POSITIONS, default=d.position,
                         help="absolute: GPT-2's learned absolute positions (the paper's); broadcast: each example's input "
                              "x enters as one position (a learned embedding per coordinate and value, summed) and is "
@@ -303,8 +295,7 @@ def run_bench(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # as training has it
     parity = build_parser().parse_args(["parity"])
     shapes = {
-        "paper": (SparseParity(15, 3), TrainConfig(context_length=40, n_layers=3, n_heads=1, width=192, batch_size=64,
-                                                    device=device)),
+        "paper": (SparseParity(15, 3), TrainConfig(**PAPER_RECIPE, device=device)),
         "cpu_default": (build_parity(parity), train_config(parity)),
     }
     results = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -333,66 +324,62 @@ def run_bench(args):
 
 
 # ----------------------------------------------------------------------------- experiments
-# An experiment is data: for each preset, a list of runs, each a family and the flags that
-# differ from that family's CPU preset. One driver (run_experiment) executes them all.
+# An experiment is data: for each preset, a list of runs, each a family and the fields (flags) where
+# it departs from that family's preset. One driver (run_experiment) executes them all.
 
 # The authors' setup (README: the paper preset): GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay
 # 0.01 on every parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
-# dataset (390 steps each), batch 64, sorted tuples. Those 3.1 million steps are cut to 1,000 epochs at most,
-# and to fewer where a run reaches its target.
-PAPER_PARITY = ["--n-layers", "3", "--n-heads", "1", "--width", "192", "--context-length", "40", "--position", "absolute",
-                "--embedding-std", "0.02", "--no-token-shift", "--dropout", "0.1", "--lr", "8e-5", "--min-lr", "1e-6",
-                "--adam-beta2", "0.999", "--weight-decay", "0.01", "--decay-all", "--grad-clip", "0", "--warmup-steps", "0",
-                "--batch-size", "64", "--n-train-total", "25000", "--steps", "390000", "--schedule-steps", "3120000",
-                "--eval-every", "1950", "--no-unsorted"]
-# The CPU sweeps run the parity preset's recipe (20 examples, broadcast inputs, token shift, weight
-# decay) at the paper's sizes where a run fits in about 15 minutes on 2 cores, varying what each is about.
+# dataset (390 steps each), batch 64. Those 3.1 million steps are cut to 1,000 epochs at most, and to fewer
+# where a run reaches its target.
+PAPER_RECIPE = dict(n_layer=3, n_head=1, n_embd=192, context_length=40, position="absolute", embedding_std=0.02,
+                    token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6, adam_beta2=0.999, weight_decay=0.01,
+                    decay_all=True, grad_clip=0.0, warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
+                    schedule_steps=3120000, eval_every=1950)
+PAPER_PARITY = dict(**PAPER_RECIPE, unsorted=False)  # the paper's tasks are sorted tuples
+# The CPU sweeps run the recipe at the paper's sizes where a run fits in about 15 minutes on 2 cores.
 # The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
 # recipe learns the k steps one after another, so a row's steps grow with k.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
 CPU_SCALING_STEPS = {5: 8000, 7: 24000, 10: 32000, 12: 40000, 15: 48000}
-EXCLUSIONS = (["--missing-coordinate", "2", "5"], ["--missing-pair", "4", "6"])  # paper Section 5.1
+EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
 
 
 def cpu_scaling(rows):
-    return [("parity", ["--d", str(d), "--k", str(k), "--no-unsorted", "--n-train-tasks", str(n),
-                        "--steps", str(CPU_SCALING_STEPS[k]), "--eval-every", str(CPU_SCALING_STEPS[k] // 8)])
-            for d, k, n, _ in rows]
+    return [("parity", dict(d=d, k=k, unsorted=False, n_train_tasks=str(n), steps=CPU_SCALING_STEPS[k],
+                            eval_every=CPU_SCALING_STEPS[k] // 8)) for d, k, n, _ in rows]
 
 
 EXPERIMENTS = {
     "icl-vs-cot": {  # E1: the paper's is Parity(10,2) with 45 tasks; on CPU, the CPU default's problem
-        "cpu": [("parity", cot) for cot in ([], ["--no-cot"])],
-        "paper": [("parity", ["--d", "10", "--k", "2", "--n-train-tasks", "20", *PAPER_PARITY, *cot])
-                  for cot in ([], ["--no-cot"])],
+        "cpu": [("parity", {}), ("parity", dict(no_cot=True))],
+        "paper": [("parity", dict(d=10, k=2, n_train_tasks="20", **PAPER_PARITY, **cot)) for cot in ({}, dict(no_cot=True))],
     },
     "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D
-        "cpu": [("parity", ["--d", "10", "--k", "3", "--no-unsorted", "--n-train-tasks", n])
-                for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
-        "paper": [("parity", ["--d", str(d), "--k", "3", "--n-train-tasks", n, *PAPER_PARITY])
+        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks=n)) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
+        "paper": [("parity", dict(d=d, k=3, n_train_tasks=n, **PAPER_PARITY))
                   for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
     },
     "scaling": {  # E2: the paper's table; cpu: its first two rows, long: all five
         "cpu": cpu_scaling(PAPER_SCALING[:2]),
         "long": cpu_scaling(PAPER_SCALING),
-        "paper": [("parity", ["--d", str(d), "--k", str(k), "--n-train-tasks", str(n), *PAPER_PARITY,
-                              "--target-accuracy", f"{accuracy / 100:.4f}"]) for d, k, n, accuracy in PAPER_SCALING],
+        "paper": [("parity", dict(d=d, k=k, n_train_tasks=str(n), **PAPER_PARITY, target_accuracy=round(accuracy / 100, 4)))
+                  for d, k, n, accuracy in PAPER_SCALING],
     },
     "task-selection": {  # E4: paper Section 5.1, d = 10, k = 3, sorted. 60 test tasks, half the universe, hold
         # about half of the tasks an exclusion removes (10 of 20 for the coordinate, 4 of 8 for the pair);
         # 2 d ln d = 46 training tasks, which the allowed rest leaves on seeds 0-278 (279 is the first that fails).
-        "cpu": [("parity", ["--d", "10", "--k", "3", "--no-unsorted", "--n-train-tasks", "2dlogd", "--n-test-tasks", "60",
-                            *exclusion]) for exclusion in EXCLUSIONS],
-        "paper": [("parity", ["--d", "10", "--k", "3", "--n-train-tasks", "2dlogd", "--n-test-tasks", "60", *exclusion,
-                              *PAPER_PARITY]) for exclusion in EXCLUSIONS],
+        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion))
+                for exclusion in EXCLUSIONS],
+        "paper": [("parity", dict(d=10, k=3, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion, **PAPER_PARITY))
+                  for exclusion in EXCLUSIONS],
     },
     "context-length": {  # E5: N in {10, 20, 30, 40} at d=15, k=3 and 4; on CPU, the default with N = 10 and 20
-        "cpu": [("parity", ["--context-length", str(n)]) for n in (10, 20)],
-        "paper": [("parity", ["--d", "15", "--k", str(k), "--n-train-tasks", "3dlogd", *PAPER_PARITY, "--context-length", str(n)])
+        "cpu": [("parity", dict(context_length=n)) for n in (10, 20)],
+        "paper": [("parity", dict(d=15, k=k, n_train_tasks="3dlogd", **{**PAPER_PARITY, "context_length": n}))
                   for k in (3, 4) for n in (10, 20, 30, 40)],
     },
     "families": {  # E6 and E7: arithmetic and multi-step translation at their presets
-        "cpu": [("arithmetic", []), ("translation", [])],
+        "cpu": [("arithmetic", {}), ("translation", {})],
     },
 }
 # What the paper reports for each experiment, beside which `python run.py all` puts ours.
@@ -412,27 +399,39 @@ def coverage_probability(family, n_train, n_test, trials=200):
     return covered / trials
 
 
-def flag_groups(flags):
-    """["--d", "10", "--no-cot"] -> [("--d", "10"), ("--no-cot",)]: each flag with its values."""
-    groups = []
-    for token in flags:
-        if token.startswith("--"):
-            groups.append((token,))
+def as_flags(fields, dashes="--"):
+    """{"d": 10, "unsorted": False, "missing_pair": (4, 6)} -> ["--d", "10", "--no-unsorted", "--missing-pair", "4", "6"]:
+    the flags that set these fields (with dashes="", the words of a run's name)."""
+    words = []
+    for name, value in fields.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(dashes + ("" if value else "no-") + flag)
         else:
-            groups[-1] += (token,)
-    return groups
+            words += [dashes + flag, *map(str, value if isinstance(value, tuple) else (value,))]
+    return words
+
+
+def run_args(parser, family, fields):
+    """The parsed flags of `python run.py FAMILY` with these fields set, as one run of an experiment is."""
+    args = parser.parse_args([family])
+    assert fields.keys() <= vars(args).keys(), f"not a field of {family}: {fields.keys() - vars(args).keys()}"
+    vars(args).update(fields)
+    return args
+
+
+def own_fields(configurations):
+    """For each configuration, the fields that set it apart from the others (those not shared by all)."""
+    shared = set.intersection(*(set(fields.items()) for _, fields in configurations))
+    return [{name: value for name, value in fields.items() if (name, value) not in shared} for _, fields in configurations]
 
 
 def experiment_runs(args):
-    """The experiment's runs, each (name, family, flags, seed), in a fixed order: the unit of --list and --shard.
-    A run's name is its family and the flags that set it apart from the preset's other runs."""
+    """The experiment's runs, each (name, family, fields, seed), in a fixed order: the unit of --list and --shard.
+    A run's name is its family and the fields that set it apart from the preset's other runs."""
     configurations = EXPERIMENTS[args.family][args.preset]
-    shared = set.intersection(*(set(flag_groups(flags)) for _, flags in configurations))
-    runs = []
-    for family, flags in configurations:
-        own = [token.lstrip("-") for group in flag_groups(flags) if group not in shared for token in group]
-        runs += [("_".join([family, *own, f"seed{seed}"]), family, flags, seed) for seed in range(args.seeds)]
-    return runs
+    return [("_".join([family, *as_flags(own, dashes=""), f"seed{seed}"]), family, fields, seed)
+            for (family, fields), own in zip(configurations, own_fields(configurations)) for seed in range(args.seeds)]
 
 
 def parse_shard(text):
@@ -458,37 +457,36 @@ def run_experiment(args):
         return []
     check_writable(os.path.join(out_dir, "summary.json"), "out")
     parser = build_parser()
-    argvs = {}
-    for name, family, flags, seed in runs:  # every run is checked before any trains or any folder is made
-        path = os.path.join(out_dir, name)
-        argvs[name] = [family, *flags, "--seed", str(seed), "--device", args.device, "--out", path + ".json",
-                       "--save", path + ".pt"]
-        prepare_run(parser.parse_args(argvs[name][:-4]))
+    run_flags = {}
+    for name, family, fields, seed in runs:  # every run is checked before any trains or any folder is made
+        run_flags[name] = run_args(parser, family, dict(fields, seed=seed, device=args.device))
+        prepare_run(run_flags[name])
     os.makedirs(out_dir, exist_ok=True)
     for name, *_ in runs[shard - 1::n_shards]:
         path = os.path.join(out_dir, name)
         if os.path.exists(path + ".json"):
             log(f"== {name}: done before, skipped")
             continue
-        argv = argvs[name]
+        run = run_flags[name]
+        run.out, run.save = path + ".json", path + ".pt"
         if os.path.exists(path + ".pt"):
             try:
                 read_checkpoint(path + ".pt")
-                argv = argv + ["--resume", path + ".pt"]
+                run.resume = path + ".pt"
             except ValueError as error:
                 os.replace(path + ".pt", path + ".pt.unreadable")
                 log(f"note: {error}; set aside as {path}.pt.unreadable, and the run starts over")
         log(f"== {name}")
         try:
-            run_family(parser.parse_args(argv))
+            run_family(run)
         except Interrupted as interruption:  # an experiment resumes its runs by itself
             raise Interrupted(interruption.step, interruption.path, resume="the same command") from None
     results, groups = [], {}
-    for name, family, flags, seed in runs:
+    for name, family, fields, seed in runs:
         if os.path.exists(os.path.join(out_dir, name + ".json")):
             with open(os.path.join(out_dir, name + ".json")) as f:
                 results.append(json.load(f))
-            groups.setdefault((family, *flags), []).append(results[-1])
+            groups.setdefault((family, tuple(fields.items())), []).append(results[-1])
     if not results:
         return results
     save_json(os.path.join(out_dir, "summary.json"), results)
@@ -512,14 +510,15 @@ def over_seeds(values, digits=3):
 
 
 def summary(experiment, preset, groups, parser):
-    """The experiment's table, a row per configuration, with the paper's finding above it."""
+    """The experiment's table, a row per configuration (groups: (family, its fields) -> the results of its
+    seeds), with the paper's finding above it."""
     lines = [f"# {experiment}, preset {preset}", "", f"Paper: {PAPER_FINDINGS[experiment]}", "",
              "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered / uncovered | minutes "
              "| s/step | peak MB | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, group in groups.items():
         first = group[0]
         match = lambda name: [r[name]["exact_match_generated"] for r in group if name in r]
-        family = FAMILIES[first["family"]].build(parser.parse_args(list(key)))
+        family = FAMILIES[key[0]].build(run_args(parser, key[0], dict(key[1])))
         notes = []
         if experiment == "n-tasks":
             p = coverage_probability(family, first["n_train_tasks"], first["n_test_tasks"])
@@ -538,7 +537,7 @@ def summary(experiment, preset, groups, parser):
         minutes = over_seeds([r["wall_seconds"] / 60 for r in group], 1)
         per_step = over_seeds([r["wall_seconds"] / r["steps"] for r in group], 3)
         memory = over_seeds([r["peak_memory_mb"] for r in group if "peak_memory_mb" in r], 0)
-        lines.append(f"| {' '.join(key)} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
+        lines.append(f"| {' '.join([key[0], *as_flags(dict(key[1]))])} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
                      f"{over_seeds(match('unseen_tasks'))} | {over_seeds(match('train_tasks'))} | {covered} | "
                      f"{minutes} | {per_step} | {memory} | "
                      f"{'; '.join(notes)} |")
@@ -578,9 +577,9 @@ def plot_experiment(experiment, groups, path):
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
     unseen = lambda r, group="unseen_tasks": r[group]["exact_match_generated"]
-    shared = set.intersection(*(set(flag_groups(key[1:])) for key in groups))  # label runs by what sets them apart
-    label = lambda key: " ".join(" ".join(g) for g in flag_groups(key[1:]) if g not in shared).replace("--", "") or \
-        f"the {key[0]} preset"
+    # a run's label: what sets it apart from the others, or its family's preset
+    labels = {key: " ".join(as_flags(own, dashes="")) or f"the {key[0]} preset"
+              for key, own in zip(groups, own_fields([(family, dict(fields)) for family, fields in groups]))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if experiment == "n-tasks":  # accuracy against training tasks, one line per d, with its D ln D mark
         by_d = {}
@@ -605,7 +604,7 @@ def plot_experiment(experiment, groups, path):
         for key, group in groups.items():
             history = group[0]["history"]
             ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history], marker=".",
-                    label=("answer only: " if group[0]["config"]["no_cot"] else "CoT: ") + label(key))
+                    label=("answer only: " if group[0]["config"]["no_cot"] else "CoT: ") + labels[key])
         ax.set_xlabel("training step")
     else:  # bars: unseen tasks, and the in/out-of-distribution groups where an exclusion made them
         names = {"unseen_tasks": "all unseen", "unseen_in_distribution": "ID", "unseen_out_of_distribution": "OOD"}
@@ -617,7 +616,7 @@ def plot_experiment(experiment, groups, path):
             for j, n in enumerate(present):
                 ax.text(i + 0.25 * j, 0.02, names[n], rotation=90, ha="center", va="bottom")
             centres.append(i + 0.125 * (len(present) - 1))
-        ax.set_xticks(centres, [label(key) for key in groups], fontsize=7)
+        ax.set_xticks(centres, [labels[key] for key in groups], fontsize=7)
     ax.set_ylabel("generated exact match, unseen tasks")
     ax.set_ylim(0, 1.02)
     ax.set_title(experiment)

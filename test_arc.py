@@ -504,8 +504,10 @@ def test_training_evaluation_and_decoding_keep_every_tensor_on_the_device(family
 # ----------------------------------------------------------------------------- training
 
 def small_config(**overrides):
-    values = dict(context_length=4, n_layers=1, n_heads=2, width=16, batch_size=8, steps=6, eval_every=3,
-                  eval_samples=16, warmup_steps=2)
+    """A tiny plain GPT-2 run; overrides turn on the recipe's parts."""
+    values = dict(context_length=4, n_layer=1, n_head=2, n_embd=16, batch_size=8, steps=6, eval_every=3,
+                  eval_samples=16, warmup_steps=2, position="absolute", embedding_std=0.02, token_shift=False,
+                  weight_decay=0.0)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -544,10 +546,10 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
         train(family, split, small_config(lr=1e-2), Checkpoint(resume=str(half)), log=lambda _: None)
     # A checkpoint older than a setting was written with that setting's default, and says so.
     state = torch.load(half, weights_only=False)
-    del state["config"]["weight_decay"]
+    del state["config"]["dropout"]
     torch.save(state, half)
-    with pytest.raises(ValueError, match="weight_decay"):
-        train(family, split, small_config(weight_decay=0.1), Checkpoint(resume=str(half)), log=lambda _: None)
+    with pytest.raises(ValueError, match="dropout"):
+        train(family, split, small_config(dropout=0.1), Checkpoint(resume=str(half)), log=lambda _: None)
     assert train(family, split, small_config(), Checkpoint(resume=str(half)), log=lambda _: None)[1]["steps"] == 6
 
 
@@ -703,6 +705,8 @@ def test_resume_refuses_a_checkpoint_of_another_run_but_not_other_evaluation_set
 
 def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_path, capsys, monkeypatch):
     import run
+    fields = dict(unsorted=False, d=5, k=2, n_train_tasks="3", steps=4, eval_every=2, n_embd=16, n_head=2, n_layer=1,
+                  context_length=4, eval_samples=16)
     tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--n-train-tasks", "3", "--steps", "4", "--eval-every", "2",
             "--width", "16", "--n-heads", "2", "--n-layers", "1", "--context-length", "4", "--eval-samples", "16"]
     for content in (b"", b"not a checkpoint", b"PK\x03\x04truncated"):
@@ -711,7 +715,8 @@ def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_pat
         with pytest.raises(SystemExit) as exit:
             run.main(["parity", *tiny, "--resume", str(bad), "--out", str(tmp_path / "r.json")])
         assert exit.value.code == 2 and "cannot be read" in capsys.readouterr().err
-    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", tiny)]})
+    assert vars(run.run_args(run.build_parser(), "parity", fields)) == vars(run.build_parser().parse_args(["parity", *tiny]))
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", fields)]})
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "parity_seed0.pt").write_bytes(b"garbage")
@@ -815,17 +820,17 @@ def test_every_experiment_configuration_is_a_valid_run():
     parser = run.build_parser()
     for experiment, presets in run.EXPERIMENTS.items():
         for preset, configurations in presets.items():
-            for family_name, flags in configurations:
-                _, _, exclusion, split = run.prepare_run(parser.parse_args([family_name, *flags]))
-                assert len(split.train) >= 1 and len(split.test) >= 1, (experiment, preset, flags)
+            for family_name, fields in configurations:
+                _, _, exclusion, split = run.prepare_run(run.run_args(parser, family_name, fields))
+                assert len(split.train) >= 1 and len(split.test) >= 1, (experiment, preset, fields)
                 assert not exclusion.excludes(split.train).any()
 
 
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch):
     import run
-    tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--steps", "6", "--eval-every", "3", "--width", "16", "--n-heads", "2",
-            "--n-layers", "1", "--context-length", "4", "--eval-samples", "16", "--warmup-steps", "2"]
-    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", [*tiny, "--n-train-tasks", str(n)]) for n in (3, 5)]})
+    tiny = dict(unsorted=False, d=5, k=2, steps=6, eval_every=3, n_embd=16, n_head=2, n_layer=1, context_length=4,
+                eval_samples=16, warmup_steps=2)
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", dict(tiny, n_train_tasks=str(n))) for n in (3, 5)]})
     out = str(tmp_path / "sweep")
     first = run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
     names = sorted(p.name for p in (tmp_path / "sweep").glob("*.json") if p.name != "summary.json")
@@ -836,8 +841,8 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     family = SparseParity(5, 2)
     n_train = 5 if "_5_" in unfinished.name else 3
     split = split_tasks(family.universe, n_train, seed=0)
-    # The settings that run would have: the sweep's flags on top of parity's preset.
-    args = run.build_parser().parse_args(["parity", *tiny, "--n-train-tasks", str(n_train), "--device", "cpu"])
+    # The settings that run would have: the sweep's fields on top of parity's preset.
+    args = run.run_args(run.build_parser(), "parity", dict(tiny, n_train_tasks=str(n_train), device="cpu"))
     checkpoint = Checkpoint(path=str(unfinished.with_suffix(".pt")), run=run.run_definition(args, split))
     train(family, split, run.train_config(args), checkpoint, log=lambda _: None, stop_after=3)
     finished_before = finished.stat().st_mtime_ns
@@ -848,7 +853,7 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
         assert a["unseen_tasks"] == b["unseen_tasks"] and a["train_tasks"] == b["train_tasks"]
     assert "P(all step options covered)" in (tmp_path / "sweep" / "summary.md").read_text()
     # The figure of every experiment kind from these results; without matplotlib, a note instead.
-    groups = {("parity", "--n-train-tasks", str(r["n_train_tasks"])): [r] for r in again}
+    groups = {("parity", (("n_train_tasks", str(r["n_train_tasks"])),)): [r] for r in again}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert "skipped" in run.plot_experiment("n-tasks", groups, str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
@@ -862,11 +867,11 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
 
 def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monkeypatch):
     import run
-    tiny = ["--no-unsorted", "--d", "5", "--k", "2", "--steps", "4", "--eval-every", "2", "--width", "16", "--n-heads", "2",
-            "--n-layers", "1", "--context-length", "4", "--eval-samples", "16", "--warmup-steps", "2"]
-    experiments = {"n-tasks": {"cpu": [("parity", [*tiny, "--n-train-tasks", "3"])]},
-                   "task-selection": {"cpu": [("parity", [*tiny, "--n-train-tasks", "3", "--missing-pair", "0", "1"])],
-                                      "paper": [("parity", [*tiny, "--n-train-tasks", "4"])]}}
+    tiny = dict(unsorted=False, d=5, k=2, steps=4, eval_every=2, n_embd=16, n_head=2, n_layer=1, context_length=4,
+                eval_samples=16, warmup_steps=2)
+    experiments = {"n-tasks": {"cpu": [("parity", dict(tiny, n_train_tasks="3"))]},
+                   "task-selection": {"cpu": [("parity", dict(tiny, n_train_tasks="3", missing_pair=(0, 1)))],
+                                      "paper": [("parity", dict(tiny, n_train_tasks="4"))]}}
     monkeypatch.setattr(run, "EXPERIMENTS", experiments)
     run.main(["all", "--out", str(tmp_path), "--device", "cpu"])
     report = (tmp_path / "report-cpu.md").read_text()
@@ -886,7 +891,7 @@ def test_translation_generalizes_to_unseen_tasks():
     # language off the examples and translate the query's word into it, for task tuples it never saw.
     family = Translation(n_languages=3, n_steps=3)
     split = split_tasks(family.universe, 9, seed=0)
-    cfg = small_config(context_length=4, n_layers=2, n_heads=4, width=64, batch_size=32, steps=300, eval_every=100,
+    cfg = small_config(context_length=4, n_layer=2, n_head=4, n_embd=64, batch_size=32, steps=300, eval_every=100,
                        eval_samples=300, lr=3e-3, warmup_steps=30, position="absolute")
     results = run_split(family, split, cfg, log=lambda _: None)
     # Chance for one answer is 1/(3 tags x 20 words) per step; copying the input gets 1/9.
@@ -901,7 +906,7 @@ def test_arithmetic_reads_add_or_sub_off_the_context():
     # scored 0.46 on the training tasks and 0.06 on the unseen one.
     family = Arithmetic(("add", "sub"), 2)
     split = split_tasks(family.universe, 3, seed=0)
-    cfg = small_config(context_length=8, n_layers=3, n_heads=4, width=128, batch_size=16, steps=2500, eval_every=2500,
+    cfg = small_config(context_length=8, n_layer=3, n_head=4, n_embd=128, batch_size=16, steps=2500, eval_every=2500,
                        eval_samples=400, lr=1e-3, warmup_steps=100, position="broadcast", embedding_std=0.3,
                        token_shift=True, input_curriculum=0.5)
     results = run_split(family, split, cfg, log=lambda _: None)
@@ -915,7 +920,7 @@ def test_parity_learns_to_infer_the_task_from_context():
     # std 0.3 learn it on every seed tried (0-3); per-example positions with GPT-2's init, on some.
     family = SparseParity(3, 1)
     split = split_tasks(family.universe, 2, seed=0)
-    cfg = small_config(context_length=12, n_layers=3, n_heads=2, width=128, batch_size=32, steps=600, eval_every=300,
+    cfg = small_config(context_length=12, n_layer=3, n_head=2, n_embd=128, batch_size=32, steps=600, eval_every=300,
                        eval_samples=400, lr=1e-3, warmup_steps=100, position="broadcast", embedding_std=0.3)
     results = run_split(family, split, cfg, log=lambda _: None)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
