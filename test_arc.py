@@ -794,6 +794,9 @@ def test_cli_writes_the_results_file(tmp_path):
                 "tokens_per_second", "train_task_list", "test_task_list"):
         assert key in data
     assert data["n_total_tasks"] == 15 and data["n_train_tasks"] == 4 and data["n_test_tasks"] == 5
+    # what the run really used: the resolved settings, the code and the library
+    assert data["train_config"]["device"] == "cpu" and data["train_config"]["n_embd"] == 16 and data["precision"] == "fp32"
+    assert data["torch"] == torch.__version__ and re.fullmatch(r"[0-9a-f]{40}", data["git_commit"])
     for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution", "unseen_out_of_distribution"):
         assert {"exact_match_generated", "exact_match_teacher_forced", "per_step"} <= data[group].keys()
     assert not {tuple(t) for t in data["train_task_list"]} & {tuple(t) for t in data["test_task_list"]}
