@@ -824,7 +824,11 @@ def test_every_experiment_configuration_is_a_valid_run():
     for experiment, presets in run.EXPERIMENTS.items():
         for preset, configurations in presets.items():
             for family_name, fields in configurations:
-                _, _, exclusion, split = run.prepare_run(run.run_args(parser, family_name, fields))
+                args = run.run_args(parser, family_name, fields)
+                # the command its summary shows is the same run (argparse gives lists where the fields hold tuples)
+                shown = vars(parser.parse_args([family_name, *run.as_flags(fields)]))
+                assert shown == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+                _, _, exclusion, split = run.prepare_run(args)
                 assert len(split.train) >= 1 and len(split.test) >= 1, (experiment, preset, fields)
                 assert not exclusion.excludes(split.train).any()
 
