@@ -104,9 +104,9 @@ def add_common_args(parser):
                         help="no training task has theta_C = V (C is a 1-based step, V an option): paper Section 5.1")
     parser.add_argument("--missing-pair", type=int, nargs=2, metavar=("A", "B"),
                         help="no training task contains both options A and B: paper Section 5.1")
-    parser.add_argument("--n-layers", dest="n_layer", type=int, default=d.n_layer, help="transformer blocks (paper: 3)")
-    parser.add_argument("--n-heads", dest="n_head", type=int, default=d.n_head, help="attention heads per block (paper: 1)")
-    parser.add_argument("--width", dest="n_embd", type=int, default=d.n_embd, help="embedding width (paper: 192)")
+    parser.add_argument("--n-layers", dest="n_layer", metavar="N", type=int, default=d.n_layer, help="transformer blocks (paper: 3)")
+    parser.add_argument("--n-heads", dest="n_head", metavar="N", type=int, default=d.n_head, help="attention heads per block (paper: 1)")
+    parser.add_argument("--width", dest="n_embd", metavar="WIDTH", type=int, default=d.n_embd, help="embedding width (paper: 192)")
     parser.add_argument("--position", choices=POSITIONS, default=d.position,
                         help="absolute: GPT-2's learned absolute positions (the paper's); broadcast: each example's input "
                              "x enters as one position (a learned embedding per coordinate and value, summed) and is "
