@@ -541,7 +541,7 @@ def summary(experiment, preset, groups, parser):
                      f"{over_seeds(match('unseen_tasks'))} | {over_seeds(match('train_tasks'))} | {covered} | "
                      f"{minutes} | {per_step} | {memory} | "
                      f"{'; '.join(notes)} |")
-    return lines
+    return lines + ["", "Peak MB is the process's peak so far: a run of a sweep counts the runs before it in the same process."]
 
 
 def run_all(args):
