@@ -35,7 +35,7 @@ def log(line):
 class Family:
     add_args: Callable  # adds the family's own flags to its subcommand
     build: Callable  # parsed flags -> the ARCFamily
-    preset: dict  # the family's CPU preset: its defaults for the common flags
+    preset: dict  # the family's CPU preset: the TrainConfig fields (and common flags) where it departs from the recipe
 
 
 def add_parity_args(parser):
@@ -457,17 +457,17 @@ def run_experiment(args):
         return []
     check_writable(os.path.join(out_dir, "summary.json"), "out")
     parser = build_parser()
-    run_flags = {}
+    run_args_by_name = {}
     for name, family, fields, seed in runs:  # every run is checked before any trains or any folder is made
-        run_flags[name] = run_args(parser, family, dict(fields, seed=seed, device=args.device))
-        prepare_run(run_flags[name])
+        run_args_by_name[name] = run_args(parser, family, dict(fields, seed=seed, device=args.device))
+        prepare_run(run_args_by_name[name])
     os.makedirs(out_dir, exist_ok=True)
     for name, *_ in runs[shard - 1::n_shards]:
         path = os.path.join(out_dir, name)
         if os.path.exists(path + ".json"):
             log(f"== {name}: done before, skipped")
             continue
-        run = run_flags[name]
+        run = run_args_by_name[name]
         run.out, run.save = path + ".json", path + ".pt"
         if os.path.exists(path + ".pt"):
             try:
