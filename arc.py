@@ -193,7 +193,12 @@ def uses_any(tasks, pairs):
 # ----------------------------------------------------------------------------- training
 
 POSITIONS = ("absolute", "broadcast")  # GPT-2's positions, or the CPU recipe's packed inputs (gpt.PackedInputs)
-FLAGS = {"n_layer": "n-layers", "n_head": "n-heads", "n_embd": "width"}  # the command-line names of these fields
+FLAGS = {"n_layer": "n-layers", "n_head": "n-heads", "n_embd": "width"}  # fields whose flags have other names
+
+
+def flag_name(field):
+    """The command-line flag (without dashes) that sets a TrainConfig or run.py field."""
+    return FLAGS.get(field, field.replace("_", "-"))
 
 
 @dataclass
@@ -235,7 +240,7 @@ class TrainConfig:
     def check(self):
         for name in ("context_length", "n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{FLAGS.get(name, name.replace('_', '-'))} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"width {self.n_embd} is not divisible by n-heads {self.n_head}")
         if not 0 < self.lr < math.inf:

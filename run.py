@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from arc import (FLAGS, POSITIONS, Checkpoint, Exclusion, Interrupted, TrainConfig, atomic_write, benchmark, check_memory,
-                 coverage, parse_task_count, read_checkpoint, run_split, save_json, split_tasks)
+from arc import (POSITIONS, Checkpoint, Exclusion, Interrupted, TrainConfig, atomic_write, benchmark, check_memory,
+                 coverage, flag_name, parse_task_count, read_checkpoint, run_split, save_json, split_tasks)
 from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
 
 
@@ -404,7 +404,7 @@ def as_flags(fields, dashes="--"):
     the flags that set these fields (with dashes="", the words of a run's name)."""
     words = []
     for name, value in fields.items():
-        flag = FLAGS.get(name, name.replace("_", "-"))
+        flag = flag_name(name)
         if isinstance(value, bool):
             words.append(dashes + ("" if value else "no-") + flag)
         else:
