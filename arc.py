@@ -225,7 +225,7 @@ class TrainConfig:
     decay_all: bool = False  # weight decay on every parameter (torch's AdamW), not only matrices and embeddings
     grad_clip: float = 1.0  # 0: no clipping
     batch_size: int = 8
-    steps: int = 6000  # the most optimizer steps
+    steps: int = 8000  # the most optimizer steps
     target_accuracy: float = None  # stop once a progress evaluation's unseen-task exact match reaches it
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
     # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
