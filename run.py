@@ -336,7 +336,7 @@ PAPER_RECIPE = dict(n_layer=3, n_head=1, n_embd=192, context_length=40, position
                     decay_all=True, grad_clip=0.0, warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
                     schedule_steps=3120000, eval_every=1950)
 PAPER_PARITY = dict(**PAPER_RECIPE, unsorted=False)  # the paper's tasks are sorted tuples
-# The CPU sweeps run the recipe at the paper's sizes where a run fits in about 15 minutes on 2 cores.
+# The CPU sweeps run the recipe at the paper's sizes where a run fits in about 20 minutes on 2 cores.
 # The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
 # recipe learns the k steps one after another, so a row's steps grow with k.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
