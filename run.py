@@ -354,8 +354,8 @@ EXPERIMENTS = {
         "cpu": [("parity", {}), ("parity", dict(no_cot=True))],
         "paper": [("parity", dict(d=10, k=2, n_train_tasks="20", **PAPER_PARITY, **cot)) for cot in ({}, dict(no_cot=True))],
     },
-    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D; with 3 d ln d
-        # sorted tasks at d = 10 the recipe's plateau lasts longer, so every point trains 16,000 steps
+    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D; 16,000 steps,
+        # which 3 d ln d sorted tasks at d = 10 need to leave the plateau (docs/recipe.md)
         "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks=n, steps=16000)) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
         "paper": [("parity", dict(d=d, k=3, n_train_tasks=n, **PAPER_PARITY))
                   for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
