@@ -609,9 +609,9 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
                     f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
                 loss_sum.zero_()
                 last_log, last_log_step = time.time(), done
-                if time.time() - last_save > cfg.checkpoint_every_seconds:
-                    save(done, elapsed)
-                    last_save = time.time()
+            if time.time() - last_save > cfg.checkpoint_every_seconds:  # evaluations can be half an hour apart
+                save(done, time.time() - t0)
+                last_save = time.time()
             if target_reached():
                 last_step = done  # training ends here
                 break

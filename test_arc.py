@@ -553,6 +553,20 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     assert train(family, split, small_config(), Checkpoint(resume=str(half)), log=lambda _: None)[1]["steps"] == 6
 
 
+def test_checkpoints_are_written_between_evaluations_too(tmp_path, monkeypatch):
+    import arc
+    saved_steps, write = [], arc.atomic_write
+    def recording_write(path, writer):
+        write(path, writer)
+        saved_steps.append(torch.load(path, weights_only=False)["step"])
+    monkeypatch.setattr(arc, "atomic_write", recording_write)
+    family = SparseParity(5, 2)
+    split = split_tasks(family.universe, 4, seed=0)
+    config = small_config(eval_every=6, checkpoint_every_seconds=0.0)  # one evaluation, at the end
+    train(family, split, config, Checkpoint(path=str(tmp_path / "c.pt")), log=lambda _: None)
+    assert saved_steps[:5] == [1, 2, 3, 4, 5] and saved_steps[-1] == 6
+
+
 def test_a_checkpoint_from_another_device_type_resumes_with_fresh_data(tmp_path):
     family = SparseParity(5, 2)
     split = split_tasks(family.universe, 4, seed=0)
