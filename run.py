@@ -532,7 +532,7 @@ def summary(experiment, preset, groups, parser):
             notes.append(f"uncovered (step, option) pairs (seed {first['config']['seed']}): "
                          f"{uncovered if len(uncovered) <= 12 else len(uncovered)}")
         if experiment == "scaling":
-            notes += [f"paper: {acc}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
+            notes += [f"paper: {acc:.2f}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
         covered = (f"{over_seeds(match('unseen_covered'))} / {over_seeds(match('unseen_uncovered'))} "
                    f"({len(first['unseen_uncovered']['per_task'])} of them)") if "unseen_uncovered" in first else "all covered"
         minutes = over_seeds([r["wall_seconds"] / 60 for r in group], 1)
