@@ -175,9 +175,6 @@ class ARCFamily:
         answer_steps = self.n_answer_steps if cot else 1
         return self.input_len + 1 + answer_steps * self.tokens_per_step
 
-    def answer_len(self, cot):
-        return self.example_len(cot) - self.input_len - 1
-
     def decode(self, ids):
         return " ".join(self.tokens[i] for i in ids)
 
@@ -275,7 +272,7 @@ class Arithmetic(ARCFamily):
             # Easier inputs: operands x_1..x_T from 1..k only, k growing with difficulty from 1 to p - 1.
             # Small operands make add and sub move y in opposite directions, so a step's operation shows
             # in the pair (y_(t-1), y_t) alone; uniform operands leave only the three-way check
-            # y_t = y_(t-1) +- x_t, which training does not find from scratch (README, arithmetic).
+            # y_t = y_(t-1) +- x_t, which training does not find from scratch (docs/recipe.md, arithmetic).
             largest = 1 + int(difficulty * (p - 1))
             x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps), generator=generator,
                                         device=tasks.device)
