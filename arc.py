@@ -491,7 +491,7 @@ def read_checkpoint(path, device="cpu"):
 def make_optimizer(model, cfg):
     # As nanoGPT: weight decay on the matrices and embeddings, none on biases and LayerNorm gains; with
     # decay_all, on every parameter, as torch's AdamW does by default (the authors' setup).
-    # fused: one kernel for all parameters on CUDA; foreach (the default elsewhere) batches them on CPU
+    # fused: one kernel for all parameters on CUDA; on CPU, torch's loop over the parameters
     decayed = lambda p: cfg.decay_all or p.dim() >= 2
     groups = [dict(params=[p for p in model.parameters() if decayed(p)], weight_decay=cfg.weight_decay),
               dict(params=[p for p in model.parameters() if not decayed(p)], weight_decay=0.0)]

@@ -140,8 +140,8 @@ def add_common_args(parser):
                         help="train on a fixed dataset of this many samples split evenly across the training "
                              "tasks, each once an epoch in a new order (the paper's setup), instead of fresh samples")
     parser.add_argument("--input-curriculum", type=float, default=d.input_curriculum,
-                        help="if > 0: this fraction of the steps raises the inputs from the family's easiest (its first "
-                             "30%%) to its true distribution (arithmetic: small operands first; evaluation always uses "
+                        help="if > 0: this fraction of the steps raises the inputs from the family's easiest (held for the "
+                             "curriculum's first 30%%) to its true distribution (arithmetic: small operands first; evaluation always uses "
                              "the true one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
@@ -336,7 +336,8 @@ PAPER_RECIPE = dict(n_layer=3, n_head=1, n_embd=192, context_length=40, position
                     decay_all=True, grad_clip=0.0, warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
                     schedule_steps=3120000, eval_every=1950)
 PAPER_PARITY = dict(**PAPER_RECIPE, unsorted=False)  # the paper's tasks are sorted tuples
-# The CPU sweeps run the recipe at the paper's sizes where a run fits in about 20 minutes on 2 cores.
+# The CPU presets run the recipe at the paper's sizes where a 2-core CPU allows (n-tasks, scaling,
+# task-selection), elsewhere at the default's d = 7; docs/results.md gives each run's time.
 # The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
 # recipe learns the k steps one after another, so a row's steps grow with k.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]

@@ -923,8 +923,8 @@ def test_translation_generalizes_to_unseen_tasks():
 def test_arithmetic_reads_add_or_sub_off_the_context():
     # Each of 2 steps adds or subtracts: their outputs have the same distribution, so only checking
     # y_t = y_(t-1) +- x_t in the examples tells them apart. 3 tasks train, the 4th is unseen: reading
-    # each step's operation off the context scores ~1 on it. This run without the input curriculum
-    # scored 0.46 on the training tasks and 0.06 on the unseen one.
+    # each step's operation off the context scores ~1 on it. Without the input curriculum this run
+    # scores about 0.46 on the training tasks and 0.06 on the unseen one.
     family = Arithmetic(("add", "sub"), 2)
     split = split_tasks(family.universe, 3, seed=0)
     cfg = small_config(context_length=8, n_layer=3, n_head=4, n_embd=128, batch_size=16, steps=2500, eval_every=2500,
@@ -938,7 +938,7 @@ def test_arithmetic_reads_add_or_sub_off_the_context():
 def test_parity_learns_to_infer_the_task_from_context():
     # Two training tasks, "copy x_a" and "copy x_b": ignoring the context scores 0.75 on them;
     # reading the task off the in-context examples scores ~1. Broadcast inputs and embeddings at
-    # std 0.3 learn it on every seed tried (0-3); per-example positions with GPT-2's init, on some.
+    # std 0.3 learn it on seeds 0-3; per-example positions with GPT-2's init, on some.
     family = SparseParity(3, 1)
     split = split_tasks(family.universe, 2, seed=0)
     cfg = small_config(context_length=12, n_layer=3, n_head=2, n_embd=128, batch_size=32, steps=600, eval_every=300,
