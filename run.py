@@ -444,6 +444,21 @@ def parse_shard(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def check_finished_run(path, args):
+    """Refuse a results file that the sweep would skip as done but that other settings made (a run of the
+    same name from an earlier version of the preset, say): what is skipped must be the run asked for."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)["config"]
+    now = json.loads(json.dumps(vars(args)))  # as the file holds them: tuples become lists
+    differing = {k: (saved[k], v) for k, v in now.items()
+                 if k in saved and k not in ("out", "save", "resume", "device") and saved[k] != v}
+    if differing:
+        raise ValueError(f"{path} holds a run with other settings (saved, now): {differing}; "
+                         "move it away or give another --out")
+
+
 def run_experiment(args):
     """Run the experiment's runs (with --shard I/N, every N-th from the I-th), skipping finished ones and
     resuming half-finished ones from their checkpoints; then summarise every run whose results exist in
@@ -463,6 +478,7 @@ def run_experiment(args):
     for name, family, fields, seed in runs:  # every run is checked before any trains or any folder is made
         run_args_by_name[name] = run_args(parser, family, dict(fields, seed=seed, device=args.device))
         prepare_run(run_args_by_name[name])
+        check_finished_run(os.path.join(out_dir, name + ".json"), run_args_by_name[name])
     os.makedirs(out_dir, exist_ok=True)
     for name, *_ in runs[shard - 1::n_shards]:
         path = os.path.join(out_dir, name)

@@ -873,6 +873,12 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     for a, b in zip(first, again):
         assert a["unseen_tasks"] == b["unseen_tasks"] and a["train_tasks"] == b["train_tasks"]
     assert "P(all step options covered)" in (tmp_path / "sweep" / "summary.md").read_text()
+    # A finished run of the same name but other settings (the preset has changed since) is refused, not skipped.
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks", {"cpu": [("parity", dict(tiny, n_train_tasks=str(n), lr=2e-3))
+                                                             for n in (3, 5)]})
+    with pytest.raises(ValueError, match=r"other settings .*'lr': \(0\.001, 0\.002\)"):
+        run.run_experiment(run.build_parser().parse_args(["n-tasks", "--out", out, "--device", "cpu"]))
+    assert finished.stat().st_mtime_ns == finished_before
     # The figure of every experiment kind from these results; without matplotlib, a note instead.
     groups = {("parity", (("n_train_tasks", str(r["n_train_tasks"])),)): [r] for r in again}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
