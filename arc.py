@@ -225,21 +225,25 @@ class TrainConfig:
     decay_all: bool = False  # weight decay on every parameter (torch's AdamW), not only matrices and embeddings
     grad_clip: float = 1.0  # 0: no clipping
     batch_size: int = 8
-    steps: int = 8000  # the most optimizer steps
+    steps: int = None  # optimizer steps, cosine-decayed over; None: by rule (fit_accuracy, decay_fraction)
+    fit_accuracy: float = 0.95  # by rule: the lr holds until training tasks reach this exact match
+    decay_fraction: float = 0.5  # by rule: then decays over this fraction of the steps taken so far
+    max_steps: int = 60000  # by rule: at most this many steps (the decay starts in time to end by it)
     target_accuracy: float = None  # stop once a progress evaluation's unseen-task exact match reaches it
     n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
     # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
     # easiest to its true distribution: the easiest for its first 30%, then a linear ramp
     input_curriculum: float = 0.0
-    eval_every: int = 2000
+    eval_every: int = 500  # steps between progress evaluations (and, by rule, fit checks)
     eval_samples: int = 2000  # samples per task group at the final evaluation
     seed: int = 0
     device: str = "cpu"
     checkpoint_every_seconds: float = 120.0
 
     def check(self):
-        for name in ("context_length", "n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every", "eval_samples"):
-            if getattr(self, name) < 1:
+        for name in ("context_length", "n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every", "eval_samples",
+                     "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"width {self.n_embd} is not divisible by n-heads {self.n_head}")
@@ -277,6 +281,12 @@ class TrainConfig:
             raise ValueError(f"input-curriculum must be a fraction of the steps in [0, 1], got {self.input_curriculum}")
         if self.n_train_total is not None and self.n_train_total < 1:
             raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
+        if not 0 < self.fit_accuracy <= 1:
+            raise ValueError(f"fit-accuracy must be in (0, 1], got {self.fit_accuracy}")
+        if not 0 < self.decay_fraction < math.inf:
+            raise ValueError(f"decay-fraction must be positive and finite, got {self.decay_fraction}")
+        if self.steps is None and (self.input_curriculum or self.schedule_steps is not None):
+            raise ValueError("input-curriculum and schedule-steps are fractions of a fixed length: give --steps")
         if self.n_train_total is not None and self.input_curriculum:
             raise ValueError("input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total")
 
@@ -320,11 +330,27 @@ def build_model(family, cfg):
                          **model_settings))
 
 
-def learning_rate(step, cfg):
-    """Linear warmup, then cosine decay to min_lr over schedule_steps (or steps)."""
+def decay_length(decay_start, cfg):
+    """By rule: the steps of the decay that starts at decay_start."""
+    return max(1, round(cfg.decay_fraction * decay_start))
+
+
+def latest_decay_start(cfg):
+    """By rule: the decay starts here at the latest (a fit check's step), so that the run ends by max_steps."""
+    return max(1, math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)) * cfg.eval_every
+
+
+def learning_rate(step, cfg, decay_start=None):
+    """Linear warmup, then cosine decay to min_lr: over schedule_steps (or steps), or, by rule, held at
+    lr until decay_start (when the training tasks were fitted) and decayed over decay_length after it."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps)
+    if cfg.steps is None:
+        if decay_start is None or step < decay_start:
+            return cfg.lr
+        progress = (step - decay_start) / decay_length(decay_start, cfg)
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -359,6 +385,8 @@ class TrainingData:
         """The inputs' difficulty at step (ARCFamily.sample): 1, but during an input curriculum."""
         # The easiest inputs first (for 30%), long enough for the step rules to be read off them, then
         # harder and harder ones, so that the reading has to sharpen rather than appear.
+        if not self.cfg.input_curriculum:
+            return 1.0
         return curriculum_progress(step, self.cfg.input_curriculum, self.cfg.steps, hold=0.3)
 
     def next_batch(self, step):
@@ -529,7 +557,7 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     positions = answer_positions(family, cfg, device)
     # Evaluation and decoding keep the plain module: their shapes vary, which would recompile.
     step_model = torch.compile(model) if cfg.compile else model
-    history, milestones = [], {}
+    history, milestones, decay_start = [], {}, None
     start_step, elapsed_before = 0, 0.0
     if checkpoint.resume:
         state = read_checkpoint(checkpoint.resume, device)
@@ -555,14 +583,15 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
             generator.manual_seed(cfg.seed + start_step)
             log(f"note: the checkpoint was written on {state['generator_device']}; the data from step {start_step} on "
                 f"differ from an uninterrupted run's")
-        history, milestones = state["history"], state["milestones"]
+        history, milestones, decay_start = state["history"], state["milestones"], state.get("decay_start")
         log(f"resumed from {checkpoint.resume} at step {start_step}")
 
     def save(step, elapsed):
         if checkpoint.path:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
                          generator_device=device.type, torch_rng=torch.get_rng_state(), step=step, wall_seconds=elapsed,
-                         history=history, milestones=milestones, config=asdict(cfg), run=checkpoint.run)
+                         history=history, milestones=milestones, decay_start=decay_start, config=asdict(cfg),
+                         run=checkpoint.run)
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             atomic_write(checkpoint.path, lambda tmp: torch.save(state, tmp))
@@ -577,17 +606,25 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
     loss_sum = torch.zeros((), device=device)
     t0 = time.time() - elapsed_before
     last_log, last_log_step, last_save = time.time(), start_step, time.time()
-    last_step = min(cfg.steps, stop_after or cfg.steps)
+    end_of = lambda start: start + decay_length(start, cfg)  # by rule, where a decay from start ends
+    last_step = cfg.steps or (cfg.max_steps if decay_start is None else end_of(decay_start))
+    log(f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
+        f"steps by rule: lr {cfg.lr:g} held until the training tasks reach {cfg.fit_accuracy} exact match (checked "
+        f"every {cfg.eval_every} steps), then decayed over {cfg.decay_fraction:g} times the steps so far; "
+        f"at most {cfg.max_steps} steps")
+    if stop_after is not None:
+        last_step = min(last_step, stop_after)
     target_reached = lambda: cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in milestones
     if target_reached():  # a resume of a run that had reached its target: nothing left to train
         last_step = start_step
     try:
-        for step in range(start_step, last_step):
+        step = start_step
+        while step < last_step:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
+                group["lr"] = learning_rate(step, cfg, decay_start)
             loss_sum += train_step(step_model, optimizer, data.next_batch(step), positions, cfg.grad_clip, cfg.precision)
-            done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            done = step = step + 1
+            if done % cfg.eval_every == 0 or done == (cfg.steps or decay_start and end_of(decay_start)):
                 mean_loss = loss_sum.item() / (done - last_log_step)
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"training loss became {mean_loss} by step {done}; lower --lr")
@@ -597,12 +634,23 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
                 tokens_per_second = tokens_per_step * (done - last_log_step) / (now - last_log)
                 elapsed = now - t0
                 unseen = quick["exact_match_generated"]
-                history.append(dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed))
+                record = dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed)
+                if cfg.steps is None and decay_start is None:  # by rule: are the training tasks fitted?
+                    fit = evaluate(model, family, split.train, cfg, torch.Generator(device=device).manual_seed(done),
+                                   n_samples=256)["exact_match_generated"]
+                    record["train_exact_match"] = fit
+                    if fit >= cfg.fit_accuracy or done >= latest_decay_start(cfg):
+                        decay_start = done
+                        last_step = end_of(done) if stop_after is None else min(end_of(done), stop_after)
+                        log(f"training tasks at {fit:.3f} exact match by step {done}" +
+                            ("" if fit >= cfg.fit_accuracy else f", short of {cfg.fit_accuracy}") +
+                            f": the lr decays until step {end_of(done)}")
+                history.append(record)
                 goals = ["0.90", "0.98"] + ([f"{cfg.target_accuracy}"] if cfg.target_accuracy is not None else [])
                 for goal in goals:
                     if unseen >= float(goal) and goal not in milestones:
                         milestones[goal] = dict(step=done, wall_seconds=elapsed)
-                eta = elapsed / done * (cfg.steps - done)
+                eta = elapsed / done * ((cfg.steps or end_of(decay_start or latest_decay_start(cfg))) - done)
                 per_step = " ".join(f"{p:.2f}" for p in quick["per_step"])
                 log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
                     f"(per step {per_step}) "
@@ -614,7 +662,6 @@ def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=Non
                 last_save = time.time()
             if target_reached():
                 last_step = done  # training ends here
-                break
             if stop_signals:
                 save(done, time.time() - t0)
                 raise Interrupted(done, checkpoint.path)

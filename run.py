@@ -130,7 +130,15 @@ def add_common_args(parser):
     parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping; 0: none (paper)")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="the most optimizer steps")
+    parser.add_argument("--steps", type=int, default=d.steps,
+                        help="optimizer steps, the lr decaying over them; default: by rule, the lr held until the "
+                             "training tasks reach --fit-accuracy, then decayed over --decay-fraction of the steps so far")
+    parser.add_argument("--fit-accuracy", type=float, default=d.fit_accuracy,
+                        help="by rule: training-task exact match at a progress check that ends the hold")
+    parser.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
+                        help="by rule: the decay's length, as a fraction of the steps before it")
+    parser.add_argument("--max-steps", type=int, default=d.max_steps,
+                        help="by rule: the most steps; the decay starts in time to end by then")
     parser.add_argument("--schedule-steps", type=int, default=d.schedule_steps,
                         help="length of the cosine decay (default: --steps), which training may stop before")
     parser.add_argument("--target-accuracy", type=float, default=d.target_accuracy,
@@ -341,23 +349,21 @@ PAPER_PARITY = dict(**PAPER_RECIPE, unsorted=False)  # the paper's tasks are sor
 # The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
 # recipe learns the k steps one after another, so a row's steps grow with k.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
-CPU_SCALING_STEPS = {5: 12000, 7: 24000, 10: 32000, 12: 40000, 15: 48000}
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
 
 
 def cpu_scaling(rows):
-    return [("parity", dict(d=d, k=k, unsorted=False, n_train_tasks=str(n), steps=CPU_SCALING_STEPS[k],
-                            eval_every=CPU_SCALING_STEPS[k] // 8)) for d, k, n, _ in rows]
+    return [("parity", dict(d=d, k=k, unsorted=False, n_train_tasks=str(n))) for d, k, n, _ in rows]
 
 
 EXPERIMENTS = {
     "icl-vs-cot": {  # E1: the paper's is Parity(10,2) with 45 tasks; on CPU, the CPU default's problem
-        "cpu": [("parity", {}), ("parity", dict(no_cot=True))],
+        # the same fixed steps for both: answer only never fits its training tasks, so no rule would end it
+        "cpu": [("parity", dict(steps=8000)), ("parity", dict(no_cot=True, steps=8000))],
         "paper": [("parity", dict(d=10, k=2, n_train_tasks="20", **PAPER_PARITY, **cot)) for cot in ({}, dict(no_cot=True))],
     },
-    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D; 16,000 steps,
-        # which 3 d ln d sorted tasks at d = 10 need to leave the plateau (docs/recipe.md)
-        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks=n, steps=16000)) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
+    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D
+        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks=n)) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
         "paper": [("parity", dict(d=d, k=3, n_train_tasks=n, **PAPER_PARITY))
                   for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
     },
@@ -376,7 +382,8 @@ EXPERIMENTS = {
                   for exclusion in EXCLUSIONS],
     },
     "context-length": {  # E5: N in {10, 20, 30, 40} at d=15, k=3 and 4; on CPU, the default with N = 10 and 20
-        "cpu": [("parity", dict(context_length=n)) for n in (10, 20)],
+        # fixed steps: with N = 10 the training tasks are never fitted, and both get the same budget
+        "cpu": [("parity", dict(context_length=n, steps=8000)) for n in (10, 20)],
         "paper": [("parity", dict(d=15, k=k, n_train_tasks="3dlogd", **{**PAPER_PARITY, "context_length": n}))
                   for k in (3, 4) for n in (10, 20, 30, 40)],
     },
