@@ -23,10 +23,10 @@ class GPTConfig:
     n_head: int = 1
     n_embd: int = 192
     dropout: float = 0.0  # GPT-2's is 0.1: on embeddings, attention weights and residual branches
-    embedding_std: float = 0.02  # initial std of every embedding (GPT-2: 0.02); the tied head starts as wte
-    example_len: int = 0  # PackedInputs (input_len > 0): a sequence is a run of examples of example_len
+    embedding_std: float = 0.02  # initial std of each embedding (GPT-2: 0.02); the tied head is wte
+    example_len: int = 0  # PackedInputs (input_len > 0): a sequence is a run of examples this long
     input_len: int = 0  # tokens, the first input_len of which (the input x) enter as one position
-    token_shift: bool = False  # with PackedInputs: every position also gets a map of the previous one
+    token_shift: bool = False  # PackedInputs: every position also gets a map of the previous one
 
 
 class CausalSelfAttention(nn.Module):
@@ -38,15 +38,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, last_only=False):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
-        # A query per key (a full forward or a prefill) needs the causal mask; one new token sees every key.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T == k.size(2) and T > 1)
+        if last_only:  # every position's key and value, the last one's query only
+            q, T = q[:, :, -1:], 1
+        # A query per key (a full forward or a prefill) is causal; one new token sees every key.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -69,8 +71,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, last_only=False):
+        x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), cache, last_only)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -80,8 +82,8 @@ class KVCache:
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len = n_layer, max_len
         self.keys = self.values = None
-        self.length = self.tokens = 0  # positions and tokens already stored (a packed input is one position)
-        self.last_input = self.last_position = None  # for PackedInputs: what the next chunk broadcasts and shifts
+        self.length = self.tokens = 0  # positions and tokens stored (a packed input: one position)
+        self.last_input = self.last_position = None  # what the next packed chunk broadcasts/shifts
 
     def extend(self, layer, k, v):
         """Store this layer's new keys and values; return all of them so far."""
@@ -97,10 +99,10 @@ class PackedLayout(NamedTuple):
     """Where the tokens of a chunk go (PackedInputs.layout); index tensors on the model's device."""
     is_input: torch.Tensor  # per token: part of an input
     slot: torch.Tensor  # per token: its position, counted from the chunk's first
-    predicting: torch.Tensor  # tokens whose position's output is their prediction (an input's last, answers)
+    predicting: torch.Tensor  # tokens their position's output predicts (an input's last, answers)
     slot_example: torch.Tensor  # per position: its example
     input_slots: torch.Tensor  # the positions that are inputs
-    broadcast_source: torch.Tensor  # per position: 0 none (an input), 1 the cache's latest input, 2 + j input j here
+    broadcast_source: torch.Tensor  # 0 none (an input), 1 the cache's last input, 2+j input j here
 
 
 class PackedInputs(nn.Module):
@@ -111,11 +113,13 @@ class PackedInputs(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert 0 < config.input_len < config.example_len, "a packed input needs example_len > input_len"
+        assert 0 < config.input_len < config.example_len, (
+            "a packed input needs example_len > input_len")
         self.config = config
         self.wte_input = nn.Embedding(config.input_len * config.vocab_size, config.n_embd)
         self.input_to_answers = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.token_shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
+        self.token_shift = (nn.Linear(config.n_embd, config.n_embd, bias=False)
+                            if config.token_shift else None)
         self.wpe = nn.Embedding(config.example_len, config.n_embd)
         self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
         self.layouts = {}  # by (start, length, device): a layout is computed once per shape
@@ -127,48 +131,54 @@ class PackedInputs(nn.Module):
                 nn.init.normal_(linear.weight, mean=0.0, std=1 / math.sqrt(self.config.n_embd))
 
     def layout(self, start, length, device):
-        """Where tokens start..start+length-1 go: arithmetic on token indices, done on the CPU once per
-        (start, length, device), then kept on the device."""
+        """Where tokens start..start+length-1 go: arithmetic on token indices, done on the CPU
+        once per (start, length, device), then kept on the device."""
         key = (start, length, str(device))
         if key not in self.layouts:
             E, P = self.config.example_len, self.config.input_len
             offset = torch.arange(start, start + length) % E
-            slot = torch.arange(start, start + length) // E * (E - P + 1) + (offset - P + 1).clamp(min=0)
+            slot = (torch.arange(start, start + length) // E * (E - P + 1)
+                    + (offset - P + 1).clamp(min=0))
             slot_example = (slot[0] + torch.arange(int(slot[-1] - slot[0]) + 1)) // (E - P + 1)
             slot = slot - slot[0]
             input_slots = slot[offset < P].unique_consecutive()
             broadcast_source = 2 + slot_example - slot_example[0] - int(offset[0] >= P)
             broadcast_source[input_slots] = 0
-            layout = (offset < P, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example, input_slots,
-                      broadcast_source)
+            layout = (offset < P, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example,
+                      input_slots, broadcast_source)
             self.layouts[key] = PackedLayout(*(t.to(device) for t in layout))
         return self.layouts[key]
 
     def forward(self, idx, start, wte, cache=None):
-        """Input vectors (B, positions, C) for tokens idx (B, T) starting at token `start`, and their layout."""
+        """Input vectors (B, positions, C) for idx (B, T) from token `start`, and their layout."""
         if cache is not None and 0 < start % self.config.example_len < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
         layout = self.layout(start, idx.size(1), idx.device)
-        offset = torch.arange(start, start + idx.size(1), device=idx.device) % self.config.example_len
+        offset = (torch.arange(start, start + idx.size(1), device=idx.device)
+                  % self.config.example_len)
         P, V = self.config.input_len, self.config.vocab_size
-        x = torch.where(layout.is_input.unsqueeze(-1), self.wte_input(offset.clamp(max=P - 1) * V + idx),
-                        wte(idx) + self.wpe(offset))
-        packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(1, layout.slot, x)
+        x = torch.where(
+            layout.is_input.unsqueeze(-1), self.wte_input(offset.clamp(max=P - 1) * V + idx),
+            wte(idx) + self.wpe(offset))
+        packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(
+            1, layout.slot, x)
         none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
-        cache = cache or KVCache(0, 0)  # no cache: the chunk starts a sequence, with nothing before it
+        cache = cache or KVCache(0, 0)  # no cache: the chunk starts a sequence, nothing before it
         if self.token_shift is not None:
-            previous, cache.last_position = none if cache.last_position is None else cache.last_position, packed[:, -1:]
+            previous, cache.last_position = (
+                none if cache.last_position is None else cache.last_position, packed[:, -1:])
             packed = packed + self.token_shift(torch.cat([previous, packed[:, :-1]], dim=1))
-        # Each input, broadcast to its example's later positions (a cached chunk's first may need the cache's).
+        # Each input, broadcast to the rest of its example (a cached chunk may need the cache's).
         inputs = packed[:, layout.input_slots]
         previous = none if cache.last_input is None else cache.last_input
-        packed = packed + self.input_to_answers(torch.cat([none, previous, inputs], dim=1)[:, layout.broadcast_source])
+        packed = packed + self.input_to_answers(
+            torch.cat([none, previous, inputs], dim=1)[:, layout.broadcast_source])
         cache.last_input = inputs[:, -1:] if inputs.size(1) else cache.last_input
         return packed + self.wpe_example(layout.slot_example), layout
 
     def unpack(self, logits, layout):
-        """One row of logits per token from one per position: a position's go to the token it predicts
-        for; the other input tokens get zeros (the model does not predict inputs)."""
+        """One row of logits per token from one per position: a position's go to the token it
+        predicts for; the other input tokens get zeros (the model does not predict inputs)."""
         unpacked = logits.new_zeros(logits.size(0), len(layout.slot), logits.size(-1))
         unpacked[:, layout.predicting] = logits[:, layout.slot[layout.predicting]]
         return unpacked
@@ -191,7 +201,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by depth, so the residual stream's variance does not grow with it
+        # GPT-2: residual projections scaled by depth, so residual variance does not grow with it
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -201,26 +211,33 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             # the output head is the token embedding (tied), so it is initialised as one
-            std = self.config.embedding_std if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02
+            std = (self.config.embedding_std
+                   if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02)
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, cache=None):
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with a cache, idx continues the tokens it holds."""
+    def forward(self, idx, cache=None, last_only=False):
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with a cache, idx continues it;
+        last_only: the last token's only (B, 1, vocab_size), as cached decoding needs: the last
+        block then computes only the other positions' keys and values."""
         start = cache.tokens if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
-            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size "
+                             f"{self.config.block_size}")
         if self.packed is None:
-            x = self.wte(idx) + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+            x = self.wte(idx) + self.wpe(
+                torch.arange(start, start + idx.size(1), device=idx.device))
         else:
             x, layout = self.packed(idx, start, self.wte, cache)
-        x = self.drop(x)
+        x, n_positions = self.drop(x), x.size(1)
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, last_only and block is self.blocks[-1])
         if cache is not None:
-            cache.length += x.size(1)
+            cache.length += n_positions
             cache.tokens += idx.size(1)
+        if last_only:  # the last position predicts the last token's successor, packed or not
+            return self.lm_head(self.ln_f(x))
         logits = self.lm_head(self.ln_f(x))
         return logits if self.packed is None else self.packed.unpack(logits, layout)
 
@@ -231,7 +248,8 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
         new_tokens, context = [], idx
         for _ in range(max_new_tokens):
-            new_tokens.append(self(context, cache)[:, -1].argmax(dim=-1, keepdim=True))
+            logits = self(context, cache, last_only=True) if use_cache else self(context)
+            new_tokens.append(logits[:, -1].argmax(dim=-1, keepdim=True))
             context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
         return torch.cat(new_tokens, dim=1)
 
