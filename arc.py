@@ -1,21 +1,19 @@
-"""Task splits, training and evaluation, the same for every ARC family.
+"""The paper's method, the same for every ARC family, in reading order.
 
-Data flows one way: a family's tasks are split into training and unseen test tasks,
-`tasks.make_batch` turns tasks into token batches, the model is trained on the answer
-tokens, and `evaluate` scores the query of fresh samples. Results are plain dicts.
+1. Config: every setting of a run, with its meaning; the defaults are the CPU recipe.
+2. Split: unseen test tasks first, then training tasks from the rest (never listing the universe).
+3. Data: fresh samples of the training tasks, as token batches (`tasks.make_batch`).
+4. Model and optimizer: `gpt.GPT`, AdamW, the learning-rate schedule.
+5. Training: one flat loop; a checkpoint is a plain dict.
+6. Evaluation: exact match of the query's answer, on training tasks and on unseen tasks.
 """
 
 import bisect
-import json
 import math
 import os
 import re
-import resource
-import signal
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +23,110 @@ from gpt import GPT, GPTConfig
 from tasks import make_batch
 
 
-# ----------------------------------------------------------------------------- splits
+# ----------------------------------------------------------------------------- the settings
+
+def setting(default, doc, **flag):
+    """A Config field: its default, its one-line meaning (the --help), and argparse extras."""
+    return field(default=default, metadata=dict(doc=doc, **flag))
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The defaults are the CPU recipe (docs/recipe.md); a family's
+    preset and an experiment's runs override some of them."""
+    # the split
+    n_train_tasks: str = setting("3dlogd", "training tasks: an integer or a multiple of D ln D "
+                                 "such as 3dlogd (the paper: about D ln D suffice with CoT)")
+    n_test_tasks: int = setting(200, "unseen test tasks, drawn first (fewer if the universe is small)")
+    missing_coordinate: tuple = setting(None, "no training task has theta_C = V (C a 1-based step, "
+                                        "V an option): paper Section 5.1", metavar=("C", "V"))
+    missing_pair: tuple = setting(None, "no training task uses both options A and B: paper Section "
+                                  "5.1", metavar=("A", "B"))
+    seed: int = setting(0, "seed of the split, the data and the model")
+    # the data
+    context_length: int = setting(20, "N: examples per sample, all of one task; the last is the query")
+    cot: bool = setting(True, "chain of thought: every step y_1..y_T; --no-cot: the answer y_T only")
+    n_train_total: int = setting(None, "a fixed dataset of this many samples, each once an epoch "
+                                 "(the paper's setup); default: fresh samples every step")
+    input_curriculum: float = setting(0.0, "this fraction of the steps raises the inputs from the "
+                                      "family's easiest to the true ones (arithmetic)")
+    # the model
+    n_layers: int = setting(3, "transformer blocks (paper: 3)")
+    n_heads: int = setting(4, "attention heads per block (paper: 1)")
+    width: int = setting(128, "embedding width (paper: 192)")
+    position: str = setting("broadcast", "absolute: GPT-2's learned positions (the paper's); "
+                            "broadcast: packed inputs (docs/recipe.md)",
+                            choices=("absolute", "broadcast"))
+    embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
+    token_shift: bool = setting(True, "every position also sees a map of the previous one")
+    dropout: float = setting(0.0, "on embeddings, attention and residual branches (paper: 0.1)")
+    # the optimization
+    lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")
+    min_lr: float = setting(1e-5, "the cosine decay's floor (paper: 1e-6)")
+    warmup_steps: int = setting(100, "linear warmup from 0 to lr")
+    steps: int = setting(None, "optimizer steps, decayed over; default: by rule (fit-accuracy)")
+    fit_accuracy: float = setting(0.95, "by rule: lr holds until the training tasks reach this")
+    decay_fraction: float = setting(0.5, "by rule: then decays over this fraction of the steps so far")
+    max_steps: int = setting(60000, "by rule: the most steps; the decay starts in time to end by them")
+    schedule_steps: int = setting(None, "the cosine's length if longer than --steps (paper)")
+    batch_size: int = setting(8, "samples per step (paper: 64)")
+    adam_beta2: float = setting(0.95, "AdamW's beta2 (paper: 0.999)")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings (paper: 0.01)")
+    decay_all: bool = setting(False, "weight decay on biases and LayerNorm gains too (paper)")
+    grad_clip: float = setting(1.0, "gradient norm clipping; 0: none (paper)")
+    # the evaluation
+    eval_every: int = setting(500, "steps between progress evaluations")
+    eval_samples: int = setting(2000, "fresh samples per task group in the final evaluation")
+    target_accuracy: float = setting(None, "stop once a progress evaluation's unseen-task exact "
+                                     "match reaches this")
+    # the machine
+    device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto (the best available)")
+    precision: str = setting("auto", "auto: fp32 (TF32 matmuls on CUDA); fp32: no TF32 either; "
+                             "bf16: autocast", choices=("auto", "fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile the training step's model")
+
+
+AT_LEAST_ONE = ("context_length", "n_layers", "n_heads", "width", "batch_size", "eval_every",
+                "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps", "n_train_total")
+CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
+    ("width % n_heads == 0", "width {width} is not divisible by n-heads {n_heads}"),
+    ("0 < lr < inf", "lr must be positive and finite, got {lr}"),
+    ("0 <= min_lr <= lr", "min-lr must be in [0, lr], got {min_lr}"),
+    ("0 <= weight_decay < inf", "weight-decay must not be negative, and finite, got {weight_decay}"),
+    ("0 < embedding_std < inf", "embedding-std must be positive and finite, got {embedding_std}"),
+    ("warmup_steps >= 0", "warmup-steps must not be negative, got {warmup_steps}"),
+    ("0 <= seed < 2**63", "seed must be in 0..2**63-1, got {seed}"),
+    ("not token_shift or position == 'broadcast'",
+     "token-shift is part of the packed input encoding: it needs --position broadcast"),
+    ("0 <= dropout < 1", "dropout must be in [0, 1), got {dropout}"),
+    ("0 <= adam_beta2 < 1", "adam-beta2 must be in [0, 1), got {adam_beta2}"),
+    ("0 <= grad_clip < inf", "grad-clip must be 0 (none) or positive, got {grad_clip}"),
+    ("0 < fit_accuracy <= 1", "fit-accuracy must be in (0, 1], got {fit_accuracy}"),
+    ("0 < decay_fraction < inf", "decay-fraction must be positive and finite, got {decay_fraction}"),
+    ("steps or not (input_curriculum or schedule_steps)",
+     "input-curriculum and schedule-steps are fractions of a fixed length: give --steps"),
+    ("target_accuracy is None or 0 <= target_accuracy <= 1",
+     "target-accuracy must be in [0, 1], got {target_accuracy}"),
+    ("0 <= input_curriculum <= 1",
+     "input-curriculum must be a fraction of the steps in [0, 1], got {input_curriculum}"),
+    ("n_train_total is None or not input_curriculum",
+     "input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total"),
+    ("precision != 'bf16' or device.split(':')[0] in ('cpu', 'cuda')",
+     "bf16 autocast is supported here on cpu and cuda, not {device}"),
+]
+
+
+def check(cfg):
+    """Refuse settings that no run can have, with the first rule they break."""
+    settings = asdict(cfg)
+    for name in (n for n in AT_LEAST_ONE if settings[n] is not None and settings[n] < 1):
+        raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {settings[name]}")
+    for rule, error in CHECKS:
+        if not eval(rule, {"inf": math.inf}, settings):
+            raise ValueError(error.format(**settings))
+
+
+# ----------------------------------------------------------------------------- the split
 
 def parse_task_count(spec, n_options):
     """An integer ("46") or a multiple of D ln D ("3dlogd", "dlogd", "0.5dlogd")."""
@@ -36,7 +137,8 @@ def parse_task_count(spec, n_options):
     elif re.fullmatch(r"[+-]?\d+", text):
         count = int(text)
     else:
-        raise ValueError(f"training task count must be an integer or a multiple of dlogd such as 3dlogd, got {spec!r}")
+        raise ValueError("training task count must be an integer or a multiple of dlogd such as "
+                         f"3dlogd, got {spec!r}")
     if count < 1:
         raise ValueError(f"training task count must be at least 1, got {spec!r} = {count}")
     return count
@@ -45,26 +147,21 @@ def parse_task_count(spec, n_options):
 @dataclass
 class Exclusion:
     """Training tasks the paper's Section 5.1 withholds; positions are 1-based as in the paper."""
-
     missing_coordinate: tuple = None  # (c, v): no training task has theta_c = v
     missing_pair: tuple = None  # (a, b): no training task contains both a and b
 
     def check(self, n_options, n_steps):
-        if self.missing_coordinate is not None:
-            c, v = self.missing_coordinate
-            if not 1 <= c <= n_steps:
-                raise ValueError(f"missing-coordinate position must be in 1..{n_steps}, got {c}")
-            if not 0 <= v < n_options:
-                raise ValueError(f"missing-coordinate value must be in 0..{n_options - 1}, got {v}")
-        if self.missing_pair is not None:
-            a, b = self.missing_pair
-            if a == b:
-                raise ValueError(f"missing-pair needs two different values, got {a} {b}")
-            for value in (a, b):
-                if not 0 <= value < n_options:
-                    raise ValueError(f"missing-pair values must be in 0..{n_options - 1}, got {value}")
-            if n_steps < 2:
-                raise ValueError("missing-pair needs tasks of at least 2 steps: with 1, no task contains two values")
+        (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
+        for holds, error in [
+                (1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, got {c}"),
+                (0 <= v < n_options, f"missing-coordinate value must be in 0..{n_options - 1}, got {v}"),
+                (a != b, f"missing-pair needs two different values, got {a} {b}"),
+                (0 <= min(a, b) and max(a, b) < n_options,
+                 f"missing-pair values must be in 0..{n_options - 1}, got {a} {b}"),
+                (n_steps >= 2 or not self.missing_pair,
+                 "missing-pair needs tasks of at least 2 steps: with 1, no task contains two values")]:
+            if not holds:
+                raise ValueError(error)
 
     def any(self):
         return self.missing_coordinate is not None or self.missing_pair is not None
@@ -81,12 +178,13 @@ class Exclusion:
         return removed
 
     def n_excluded(self, universe):
-        """How many tasks of the universe it removes, counted (not listed) by inclusion and exclusion."""
-        fixed = None if self.missing_coordinate is None else (self.missing_coordinate[0] - 1, self.missing_coordinate[1])
+        """How many tasks of the universe it removes, counted (not listed) by inclusion-exclusion."""
+        fixed = self.missing_coordinate and (self.missing_coordinate[0] - 1, self.missing_coordinate[1])
 
-        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) that use both options of the pair
+        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) using both options of the pair
             a, b = self.missing_pair
-            return sum(sign * universe.count(fixed, avoid) for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
+            return sum(sign * universe.count(fixed, avoid)
+                       for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
 
         if self.missing_pair is None:
             return 0 if fixed is None else universe.count(fixed)
@@ -101,11 +199,16 @@ class TaskSplit:
     test: np.ndarray  # (n_test, T), in the order drawn
     test_excluded: np.ndarray  # (n_test,) bool: out of distribution under the exclusion
     uncovered: list  # the (step, option) pairs some task uses but no training task does
-    test_uncovered: np.ndarray  # (n_test,) bool: the test task uses an uncovered pair
+    test_uncovered: np.ndarray  # (n_test,) int: how many uncovered pairs each test task uses
     n_total: int
 
+    def ceiling(self):
+        """Unseen-task exact match of a model exact wherever every pair was trained and a coin flip
+        at each step whose pair was not: what the ARC theory promises on this split."""
+        return float(np.mean(0.5 ** self.test_uncovered))
 
-MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused, not attempted
+
+MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused
 
 
 def random_below(rng, n):
@@ -118,9 +221,9 @@ def random_below(rng, n):
 
 
 def uniform_ranks(rng, n, count):
-    """count distinct integers of 0..n-1, uniformly, in the order drawn. numpy's choice uses Floyd's
-    algorithm when count is small against n (else it permutes n, which is then at most 50 count), so
-    the cost grows with count, not n; past int64, rejection does the same."""
+    """count distinct integers of 0..n-1, uniformly, in the order drawn. numpy's choice uses
+    Floyd's algorithm when count is small against n, so the cost grows with count, not n; past
+    int64, rejection does the same."""
     if n < 2**63:
         return [int(r) for r in rng.choice(n, count, replace=False)]
     drawn = {}  # a dict keeps the draw order
@@ -138,11 +241,12 @@ def nth_untaken(positions, taken):
 
 
 def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
-    """Up to max_test test tasks first, uniformly; then n_train training tasks, uniformly from the rest
-    that the exclusion allows. The universe is never listed: ranks are drawn, then unranked."""
+    """Up to max_test test tasks first, uniformly; then n_train training tasks, uniformly from the
+    rest that the exclusion allows. The universe is never listed: ranks are drawn, then unranked."""
     n_total = universe.size
     if n_train >= n_total:
-        raise ValueError(f"asked for {n_train} training tasks but only {n_total} tasks exist, leaving none to test")
+        raise ValueError(f"asked for {n_train} training tasks but only {n_total} tasks exist, "
+                         "leaving none to test")
     rng = np.random.default_rng(seed)
     n_test = min(max_test, n_total - n_train)
     test_ranks = uniform_ranks(rng, n_total, n_test)
@@ -150,15 +254,15 @@ def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
     test_excluded = exclusion.excludes(test)
     n_allowed = n_total - exclusion.n_excluded(universe) - int((~test_excluded).sum())
     if n_allowed < n_train:
-        raise ValueError(
-            f"the exclusion leaves {n_allowed} possible training tasks (of {n_total}, {n_test} kept for testing), "
-            f"fewer than the {n_train} asked for")
+        raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks (of {n_total}, "
+                         f"{n_test} kept for testing), fewer than the {n_train} asked for")
     if not exclusion.any():
         train_ranks = nth_untaken(uniform_ranks(rng, n_total - n_test, n_train), test_ranks)
-    else:  # by rejection: uniform over the allowed tasks, as long as they are not too rare to find
+    else:  # by rejection: uniform over the allowed tasks, as long as they are not too rare
         if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):
-            raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks of {n_total}: too few to draw "
-                             f"{n_train} of them at random; ask for fewer or exclude less")
+            raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks of "
+                             f"{n_total}: too few to draw {n_train} of them at random; ask for "
+                             "fewer or exclude less")
         taken, train_ranks = set(test_ranks), []
         while len(train_ranks) < n_train:
             rank = random_below(rng, n_total)
@@ -167,167 +271,106 @@ def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
                 train_ranks.append(rank)
     train = universe.tuples(sorted(train_ranks))
     uncovered = coverage(train, universe)
-    return TaskSplit(train, test, test_excluded, uncovered, uses_any(test, uncovered), n_total)
+    return TaskSplit(train, test, test_excluded, uncovered, n_uses(test, uncovered), n_total)
+
+
+def split_for(family, cfg):
+    """The split a run's settings ask for, checked."""
+    exclusion = Exclusion(cfg.missing_coordinate, cfg.missing_pair)
+    exclusion.check(family.n_options, family.n_steps)
+    if exclusion.any() and not exclusion.n_excluded(family.universe):
+        raise ValueError("the exclusion removes no task of this family: nothing would be out of "
+                         "distribution")
+    n_train = parse_task_count(cfg.n_train_tasks, family.n_options)
+    return split_tasks(family.universe, n_train, cfg.seed, exclusion, cfg.n_test_tasks)
 
 
 def step_options(tasks):
     """The (step, option) pairs that tasks use, steps 1-based."""
-    return {(t + 1, option) for task in np.asarray(tasks).tolist() for t, option in enumerate(task)}
+    return {(t + 1, o) for task in np.asarray(tasks).tolist() for t, o in enumerate(task)}
 
 
 def coverage(train_tasks, universe):
-    """The (step, option) pairs that some task of the universe uses but no training task does: what
-    the coupon-collector argument is about. Taken from the universe's rule, not a list of its tasks.
-    (Sorted tuples make some pairs rare: theta_1 = d-k occurs in one task only, so a few dozen
-    training tasks seldom cover every pair.)"""
-    possible = {(t + 1, option) for t in range(universe.k) for option in universe.options(t)}
+    """The (step, option) pairs that some task of the universe uses but no training task does:
+    what the coupon-collector argument is about, taken from the universe's rule. (Sorted tuples
+    make some pairs rare: theta_1 = d-k occurs in one task only.)"""
+    possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
     return sorted(possible - step_options(train_tasks))
 
 
-def uses_any(tasks, pairs):
-    """Bool array (n,): which tasks (n, T) use one of the (step, option) pairs."""
+def n_uses(tasks, pairs):
+    """Int array (n,): how many of the (step, option) pairs each task (n, T) uses."""
     pairs = set(pairs)
-    return np.array([bool(step_options([task]) & pairs) for task in np.asarray(tasks).tolist()], dtype=bool)
+    return np.array([len(step_options([task]) & pairs) for task in np.asarray(tasks).tolist()],
+                    dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the data
 
-POSITIONS = ("absolute", "broadcast")  # GPT-2's positions, or the CPU recipe's packed inputs (gpt.PackedInputs)
-FLAGS = {"n_layer": "n-layers", "n_head": "n-heads", "n_embd": "width"}  # fields whose flags have other names
-
-
-def flag_name(field):
-    """The command-line flag (without dashes) that sets a TrainConfig or run.py field."""
-    return FLAGS.get(field, field.replace("_", "-"))
-
-
-@dataclass
-class TrainConfig:
-    """Every model and training setting of a run. The defaults are the CPU recipe (docs/recipe.md);
-    run.py's family presets and experiments are overrides of these fields."""
-    context_length: int = 20  # N: examples per sample, the last one is the query
-    cot: bool = True
-    n_layer: int = 3  # the model's settings carry GPTConfig's names
-    n_head: int = 4
-    n_embd: int = 128
-    position: str = "broadcast"  # "absolute" (GPT-2) or "broadcast" (gpt.PackedInputs)
-    embedding_std: float = 0.3  # initial std of the embeddings; GPT-2: 0.02
-    token_shift: bool = True  # each position also sees its predecessor's embedding (gpt.PackedInputs)
-    compile: bool = False  # torch.compile the training forward/backward
-    precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights), or "auto": fp32 (TF32 matmuls on CUDA)
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches (GPTConfig.dropout)
-    lr: float = 1e-3
-    min_lr: float = 1e-5  # the cosine schedule's floor
-    warmup_steps: int = 100
-    schedule_steps: int = None  # the cosine schedule's length (None: steps); training may stop before it ends
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.1
-    decay_all: bool = False  # weight decay on every parameter (torch's AdamW), not only matrices and embeddings
-    grad_clip: float = 1.0  # 0: no clipping
-    batch_size: int = 8
-    steps: int = None  # optimizer steps, cosine-decayed over; None: by rule (fit_accuracy, decay_fraction)
-    fit_accuracy: float = 0.95  # by rule: the lr holds until training tasks reach this exact match
-    decay_fraction: float = 0.5  # by rule: then decays over this fraction of the steps taken so far
-    max_steps: int = 60000  # by rule: at most this many steps (the decay starts in time to end by it)
-    target_accuracy: float = None  # stop once a progress evaluation's unseen-task exact match reaches it
-    n_train_total: int = None  # None: fresh samples every step; else a fixed dataset of this many samples
-    # > 0: this fraction of the steps raises the inputs' difficulty (ARCFamily.sample) from the family's
-    # easiest to its true distribution: the easiest for its first 30%, then a linear ramp
-    input_curriculum: float = 0.0
-    eval_every: int = 500  # steps between progress evaluations (and, by rule, fit checks)
-    eval_samples: int = 2000  # samples per task group at the final evaluation
-    seed: int = 0
-    device: str = "cpu"
-    checkpoint_every_seconds: float = 120.0
-
-    def check(self):
-        for name in ("context_length", "n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every", "eval_samples",
-                     "max_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{flag_name(name)} must be at least 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"width {self.n_embd} is not divisible by n-heads {self.n_head}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight-decay must not be negative, and finite, got {self.weight_decay}")
-        if not 0 < self.embedding_std < math.inf:
-            raise ValueError(f"embedding-std must be positive and finite, got {self.embedding_std}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        if self.token_shift and self.position != "broadcast":
-            raise ValueError("token-shift is part of the packed input encoding: it needs --position broadcast")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.precision == "bf16" and torch.device(self.device).type not in ("cpu", "cuda"):
-            raise ValueError(f"bf16 autocast is supported here on cpu and cuda, not {self.device}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min-lr must be in [0, lr], got {self.min_lr}")
-        if not 0 <= self.adam_beta2 < 1:
-            raise ValueError(f"adam-beta2 must be in [0, 1), got {self.adam_beta2}")
-        if not 0 <= self.grad_clip < math.inf:
-            raise ValueError(f"grad-clip must be 0 (none) or positive, got {self.grad_clip}")
-        if self.schedule_steps is not None and self.schedule_steps < 1:
-            raise ValueError(f"schedule-steps must be at least 1, got {self.schedule_steps}")
-        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
-            raise ValueError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
-        if not 0 <= self.input_curriculum <= 1:
-            raise ValueError(f"input-curriculum must be a fraction of the steps in [0, 1], got {self.input_curriculum}")
-        if self.n_train_total is not None and self.n_train_total < 1:
-            raise ValueError(f"n-train-total must be at least 1, got {self.n_train_total}")
-        if not 0 < self.fit_accuracy <= 1:
-            raise ValueError(f"fit-accuracy must be in (0, 1], got {self.fit_accuracy}")
-        if not 0 < self.decay_fraction < math.inf:
-            raise ValueError(f"decay-fraction must be positive and finite, got {self.decay_fraction}")
-        if self.steps is None and (self.input_curriculum or self.schedule_steps is not None):
-            raise ValueError("input-curriculum and schedule-steps are fractions of a fixed length: give --steps")
-        if self.n_train_total is not None and self.input_curriculum:
-            raise ValueError("input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total")
+def answer_positions(family, cfg, device):
+    """Positions p whose next token p+1 is an answer token: where the loss is taken."""
+    # The mask depends on neither task nor sample: one probe on the CPU, moved to the device once.
+    probe = make_batch(family, torch.zeros((1, family.n_steps), dtype=torch.long),
+                       cfg.context_length, cfg.cot, torch.Generator())
+    return probe.answer_mask[1:].nonzero().squeeze(1).to(device)
 
 
-def memory_needed(family, cfg):
-    """A rough upper estimate, in bytes, of what a run holds at once: the weights with their gradients
-    and AdamW moments, a fixed dataset, and the larger of a training step's activations (kept for the
-    backward pass) and an evaluation batch's (one layer at a time) with the scores it collects."""
-    tokens = cfg.context_length * family.example_len(cfg.cot)
-    width, layers, heads = cfg.n_embd, cfg.n_layer, cfg.n_head
-    embeddings = (family.vocab_size * (1 + family.input_len) + tokens) * width
-    weights = 16 * (12 * layers * width * width + embeddings)
-    per_sample = 4 * (20 * tokens * width + 2 * heads * tokens * tokens)
-    training = layers * cfg.batch_size * per_sample
-    evaluation = min(500, max(1, EVAL_BATCH_TOKENS // tokens)) * per_sample + 16 * cfg.eval_samples * (tokens + 6)
-    dataset = 8 * tokens * (cfg.n_train_total or 0)
-    return weights + dataset + max(training, evaluation)
+def difficulty_at(step, cfg):
+    """The inputs' difficulty (ARCFamily.sample) at step: 1, but during an input curriculum,
+    which holds the easiest inputs for its first 30% (long enough for the step rules to be read off
+    them), then ramps linearly to the true ones, so that the reading sharpens rather than appears."""
+    length = cfg.input_curriculum * (cfg.steps or 0)
+    if step >= length:
+        return 1.0
+    return max(0.0, (step / length - 0.3) / 0.7)
 
 
-def memory_available(device):
-    """Bytes of memory on the device: the GPU's for CUDA, the machine's for the CPU (and MPS, which shares it)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def fixed_dataset(family, train_tasks, cfg, device):
+    """The authors' setup: n_train_total samples split evenly across the training tasks, drawn on
+    the CPU from the seed, so that a resume on another device finds the same dataset."""
+    per_task = max(1, cfg.n_train_total // len(train_tasks))
+    tasks = torch.as_tensor(train_tasks).repeat_interleave(per_task, dim=0)
+    return make_batch(family, tasks, cfg.context_length, cfg.cot,
+                      torch.Generator().manual_seed(cfg.seed)).tokens.to(device)
 
 
-def check_memory(family, cfg):
-    """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
-    needed, available = memory_needed(family, cfg), memory_available(torch.device(cfg.device))
-    if needed > available:
-        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has {available / 2**30:,.1f} "
-                         f"GiB: lower --width, --n-layers, --context-length, --batch-size, --n-train-total or --eval-samples")
+def get_batch(step, family, train_tasks, dataset, cfg, generator):
+    """Step's batch: fresh samples of uniformly drawn training tasks, or the rows of the fixed
+    dataset, each once an epoch in an order drawn from the seed and the epoch (the last partial
+    batch dropped), so that a resume finds the same order."""
+    if dataset is None:
+        picks = torch.randint(0, len(train_tasks), (cfg.batch_size,), generator=generator,
+                              device=train_tasks.device)
+        return make_batch(family, train_tasks[picks], cfg.context_length, cfg.cot, generator,
+                          difficulty_at(step, cfg)).tokens
+    epoch, index = divmod(step, max(1, len(dataset) // cfg.batch_size))
+    seed = int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1, np.uint64)[0])
+    order = torch.randperm(len(dataset), device=dataset.device,
+                           generator=torch.Generator(device=dataset.device).manual_seed(seed))
+    return dataset[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
 
+
+# ----------------------------------------------------------------------------- model, optimizer, schedule
 
 def build_model(family, cfg):
     """The GPT for this family's sequences: cfg's model settings, and the family's example shape."""
     example_len = family.example_len(cfg.cot)
-    model_settings = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
-    return GPT(GPTConfig(vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
-                         example_len=example_len, input_len=family.input_len if cfg.position == "broadcast" else 0,
-                         **model_settings))
+    return GPT(GPTConfig(
+        vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width, dropout=cfg.dropout,
+        embedding_std=cfg.embedding_std, example_len=example_len, token_shift=cfg.token_shift,
+        input_len=family.input_len if cfg.position == "broadcast" else 0))
+
+
+def make_optimizer(model, cfg, fused=None):
+    """AdamW. As nanoGPT: weight decay on matrices and embeddings, none on biases and LayerNorm
+    gains; with decay_all, on every parameter (torch's default, the authors' setup). fused: one
+    kernel for all parameters, on CUDA by default."""
+    fused = next(model.parameters()).device.type == "cuda" if fused is None else fused
+    decayed = lambda p: cfg.decay_all or p.dim() >= 2
+    groups = [dict(params=[p for p in model.parameters() if decayed(p)], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in model.parameters() if not decayed(p)], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=fused)
 
 
 def decay_length(decay_start, cfg):
@@ -336,13 +379,20 @@ def decay_length(decay_start, cfg):
 
 
 def latest_decay_start(cfg):
-    """By rule: the decay starts here at the latest (a fit check's step), so that the run ends by max_steps."""
+    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
     return max(1, math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)) * cfg.eval_every
 
 
+def last_step(cfg, decay_start):
+    """Where training ends: cfg.steps, or by rule the decay's end (max_steps before it starts)."""
+    if cfg.steps:
+        return cfg.steps
+    return cfg.max_steps if decay_start is None else decay_start + decay_length(decay_start, cfg)
+
+
 def learning_rate(step, cfg, decay_start=None):
-    """Linear warmup, then cosine decay to min_lr: over schedule_steps (or steps), or, by rule, held at
-    lr until decay_start (when the training tasks were fitted) and decayed over decay_length after it."""
+    """Linear warmup, then cosine decay to min_lr: over schedule_steps (or steps), or by rule, held
+    at lr until decay_start (when the training tasks were fitted), then over decay_length."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.steps is None:
@@ -350,76 +400,241 @@ def learning_rate(step, cfg, decay_start=None):
             return cfg.lr
         progress = (step - decay_start) / decay_length(decay_start, cfg)
     else:
-        progress = (step - cfg.warmup_steps) / max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps)
+        length = (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, length)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def curriculum_progress(step, fraction, steps, hold):
-    """How far a curriculum over the first `fraction` of `steps` training steps is at step: 0 for
-    its first `hold` share, then linear to 1 at its end; 1 after it, and without one."""
-    length = fraction * steps
-    if step >= length:
-        return 1.0
-    return max(0.0, (step / length - hold) / (1 - hold))
+def describe_steps(cfg):
+    """The step rule, as a run prints it when it starts."""
+    if cfg.steps:
+        return f"steps: {cfg.steps}, the lr decaying over them"
+    return (f"steps by rule: lr {cfg.lr:g} held until the training tasks reach {cfg.fit_accuracy} "
+            f"exact match (checked every {cfg.eval_every} steps), then decayed over "
+            f"{cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps} steps")
 
 
-class TrainingData:
-    """Training batches: fresh samples of uniformly drawn training tasks, or the rows of a fixed dataset
-    (the authors' setup), each row once an epoch in a new order, the last partial batch dropped."""
-
-    def __init__(self, family, train_tasks, cfg, generator):
-        self.family, self.cfg, self.generator = family, cfg, generator
-        self.tasks = torch.as_tensor(train_tasks, device=generator.device)
-        self.dataset = None
-        if cfg.n_train_total is not None:
-            # n_train_total samples split evenly across the training tasks
-            # drawn on the CPU from the seed, so that a resume on another device finds the same dataset
-            per_task = max(1, cfg.n_train_total // len(train_tasks))
-            tasks = torch.as_tensor(train_tasks).repeat_interleave(per_task, dim=0)
-            self.dataset = make_batch(family, tasks, cfg.context_length, cfg.cot,
-                                      torch.Generator().manual_seed(cfg.seed)).tokens.to(generator.device)
-            self.steps_per_epoch = max(1, len(self.dataset) // cfg.batch_size)
-            self.epoch, self.order = None, None
-
-    def difficulty_at(self, step):
-        """The inputs' difficulty at step (ARCFamily.sample): 1, but during an input curriculum."""
-        # The easiest inputs first (for 30%), long enough for the step rules to be read off them, then
-        # harder and harder ones, so that the reading has to sharpen rather than appear.
-        if not self.cfg.input_curriculum:
-            return 1.0
-        return curriculum_progress(step, self.cfg.input_curriculum, self.cfg.steps, hold=0.3)
-
-    def next_batch(self, step):
-        if self.dataset is not None:
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != self.epoch:  # an epoch's order follows from the seed and the epoch: a resume finds it again
-                seed = int(np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1, np.uint64)[0])
-                order_generator = torch.Generator(device=self.dataset.device).manual_seed(seed)
-                self.order = torch.randperm(len(self.dataset), generator=order_generator, device=self.dataset.device)
-                self.epoch = epoch
-            return self.dataset[self.order[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]]
-        picks = torch.randint(0, len(self.tasks), (self.cfg.batch_size,), generator=self.generator,
-                              device=self.tasks.device)
-        return make_batch(self.family, self.tasks[picks], self.cfg.context_length, self.cfg.cot, self.generator,
-                          self.difficulty_at(step)).tokens
+def autocast(device, precision="auto"):
+    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked; auto and fp32
+    are fp32 (auto allows TF32 matmuls on CUDA: train sets that)."""
+    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def answer_positions(family, cfg, device):
-    """Positions p whose next token p+1 is an answer token: where the loss is taken."""
-    # The mask depends on neither the task nor the sample: one probe, on the CPU, moved to the device once.
-    probe = make_batch(family, torch.zeros((1, family.n_steps), dtype=torch.long), cfg.context_length, cfg.cot,
-                       torch.Generator())
-    return probe.answer_mask[1:].nonzero().squeeze(1).to(device)
+def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
+    """One AdamW step on the answer tokens of a batch. Returns the loss as a tensor: reading it
+    (.item()) would wait for the device, so callers do that only to log."""
+    with autocast(tokens.device, precision):
+        logits = model(tokens[:, :-1])[:, positions]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
 
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write(path, write):
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, model, optimizer, generator, progress, identity):
+    """The run as a plain dict: weights, optimizer, random states, progress, and what it is."""
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), identity=identity,
+                 generator=generator.get_state(), generator_device=generator.device.type,
+                 torch_rng=torch.get_rng_state(), progress=progress)
+    if generator.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(generator.device)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# Settings that change how a run is scored or where it runs, not what it trains: a resume may
+# change them (eval_every too, unless it decides where training stops: by rule or with a target).
+EVALUATION_ONLY = ("eval_samples", "device")
+
+
+def read_checkpoint(path):
+    """A checkpoint's dict, on the CPU (random states must stay there), or one clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, empty or foreign: torch raises many kinds
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}); delete it "
+                         "to start the run over")
+    needed = {"model", "optimizer", "generator", "generator_device", "torch_rng", "progress",
+              "identity"}
+    if not isinstance(state, dict) or not needed <= state.keys():
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project; delete it to "
+                         "start the run over")
+    return state
+
+
+def load_checkpoint(path, identity, model, optimizer, generator, log):
+    """Restore a run saved by save_checkpoint into model, optimizer and generator, if it is the
+    same run (identity: its settings and split); returns its progress."""
+    state = read_checkpoint(path)
+    fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
+    ignored = EVALUATION_ONLY + ("eval_every",) * bool(fixed_length)
+    saved = {**asdict(Config()), **state["identity"]}  # a setting newer than the checkpoint: its default
+    differing = {k: (saved.get(k), v) for k, v in identity.items()
+                 if k not in ignored and saved.get(k) != v}
+    if differing:
+        raise ValueError(f"checkpoint {path} belongs to another run (saved, now): {differing}")
+    model.load_state_dict(state["model"])
+    fused = optimizer.param_groups[0]["fused"]
+    for group in state["optimizer"]["param_groups"]:  # as this device's optimizer has it, so that
+        group["fused"] = fused  # the step counters land where a fused AdamW needs them
+    optimizer.load_state_dict(state["optimizer"])
+    if state["generator_device"] == generator.device.type:
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout's masks
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
+    else:  # each device type has its own generator: draw the rest of the data from a new seed
+        generator.manual_seed(identity["seed"] + state["progress"]["step"])
+        log(f"note: the checkpoint was written on {state['generator_device']}; the data from step "
+            f"{state['progress']['step']} on differ from an uninterrupted run's")
+    log(f"resumed from {path} at step {state['progress']['step']}")
+    return state["progress"]
+
+
+# ----------------------------------------------------------------------------- training
+
+CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be half an hour apart
+STATUS_SECONDS = 15  # a line of progress at least this often, where someone watches (status=...)
+
+
+def train(family, split, cfg, log=print, save=None, resume=None, identity=None, stop=None,
+          status=None):
+    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics).
+    save: the checkpoint file; resume: a checkpoint of the same run (identity: what defines it)
+    to continue; stop(step): True saves and stops; status: gets a progress line every 15 s."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
+        torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(family, cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    train_tasks = torch.as_tensor(split.train, device=device)
+    dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
+    positions = answer_positions(family, cfg, device)
+    # Evaluation and decoding keep the plain module: their shapes vary, which would recompile.
+    step_model = torch.compile(model) if cfg.compile else model
+    progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
+    if resume:
+        progress = load_checkpoint(resume, identity, model, optimizer, generator, log)
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens per "
+        f"sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of {split.n_total}")
+    log(describe_steps(cfg))
+    goals = ["0.90", "0.98"] + ([] if cfg.target_accuracy is None else [f"{cfg.target_accuracy}"])
+    reached_target = lambda: cfg.target_accuracy is not None and goals[-1] in progress["milestones"]
+    tokens_per_step = cfg.batch_size * model.config.block_size
+    step, elapsed_before = progress["step"], progress["wall_seconds"]
+    start_step = step
+    t0, loss_sum = time.time() - progress["wall_seconds"], torch.zeros((), device=device)
+    last = dict(step=step, time=time.time(), save=time.time(), status=time.time())
+    while step < last_step(cfg, progress["decay_start"]) and not reached_target():
+        # determine and set the learning rate
+        lr = learning_rate(step, cfg, progress["decay_start"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # forward, backward, update
+        batch = get_batch(step, family, train_tasks, dataset, cfg, generator)
+        loss_sum += train_step(step_model, optimizer, batch, positions, cfg.grad_clip, cfg.precision)
+        step = progress["step"] = step + 1
+        progress["wall_seconds"] = time.time() - t0
+        seconds_per_step = (time.time() - last["time"]) / (step - last["step"])
+        eta = (last_step(cfg, progress["decay_start"]) - step) * seconds_per_step
+        # evaluate the unseen tasks, and by rule the training tasks' fit, which starts the decay
+        if step % cfg.eval_every == 0 or step == last_step(cfg, progress["decay_start"]):
+            mean_loss = loss_sum.item() / (step - last["step"])
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} by step {step}; lower --lr")
+            record, per_step = progress_check(model, family, split, cfg, step, mean_loss, progress)
+            if progress["decay_start"] == step:
+                log(f"training tasks at {record['train_exact_match']:.3f} exact match by step {step}: "
+                    f"the lr decays until step {last_step(cfg, step)}")
+            rate = tokens_per_step * (step - last["step"]) / (time.time() - last["time"])
+            log(f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | unseen exact match "
+                f"{record['unseen_exact_match']:.3f} (per step {per_step})"
+                + (f" | training tasks {record['train_exact_match']:.3f}" if "train_exact_match" in record else "")
+                + f" | {rate:,.0f} tok/s | {progress['wall_seconds']:5.0f}s elapsed, ETA {eta:4.0f}s")
+            loss_sum.zero_()
+            last.update(step=step, time=time.time())
+        # a line of progress for someone watching
+        if status and time.time() - last["status"] > STATUS_SECONDS:
+            status(f"step {step:6d} | loss {loss_sum.item() / max(1, step - last['step']):.4f} | "
+                   f"{tokens_per_step / seconds_per_step:,.0f} tok/s | ETA {eta:4.0f}s")
+            last["status"] = time.time()
+        # checkpoint every two minutes, and before a stop
+        stopping = stop is not None and stop(step)
+        if save and (stopping or time.time() - last["save"] > CHECKPOINT_SECONDS):
+            save_checkpoint(save, model, optimizer, generator, progress, identity)
+            last["save"] = time.time()
+        if stopping:
+            raise Interrupted(step, save)
+    if save:
+        save_checkpoint(save, model, optimizer, generator, progress, identity)
+    return model, dict(
+        steps=step, wall_seconds=progress["wall_seconds"], history=progress["history"],
+        tokens_per_second=tokens_per_step * (step - start_step)
+        / max(1e-9, progress["wall_seconds"] - elapsed_before),
+        time_to_accuracy=progress["milestones"], n_parameters=model.num_params())
+
+
+def progress_check(model, family, split, cfg, step, loss, progress):
+    """A progress evaluation at step, added to progress: unseen-task exact match on 256 fresh
+    samples, and by rule, while the lr holds, the training tasks' (whose fit starts the decay).
+    Its samples come from a generator of their own: evaluations never change the training data."""
+    seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
+    unseen = evaluate(model, family, split.test, cfg, seeded(), n_samples=256)
+    record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
+                  wall_seconds=progress["wall_seconds"])
+    if cfg.steps is None and progress["decay_start"] is None:
+        fit = evaluate(model, family, split.train, cfg, seeded(), n_samples=256)
+        record["train_exact_match"] = fit = fit["exact_match_generated"]
+        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
+            progress["decay_start"] = step
+    progress["history"].append(record)
+    for goal in ["0.90", "0.98"] + ([] if cfg.target_accuracy is None else [f"{cfg.target_accuracy}"]):
+        if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
+            progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
+    return record, " ".join(f"{p:.2f}" for p in unseen["per_step"])
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT, SIGTERM), after saving a checkpoint where it could."""
+
+    def __init__(self, step, path, resume=None):
+        self.step, self.path = step, path
+        saved = (f"checkpoint saved to {path}; resume with "
+                 f"{resume or f'the same command and --resume {path}'}" if path
+                 else "nothing saved (with --save FILE a run can be resumed)")
+        super().__init__(f"interrupted at step {step}: {saved}")
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 EVAL_BATCH_TOKENS = 2**17  # an evaluation batch holds at most 500 samples and about this many tokens
 
 
 @torch.no_grad()
 def score(model, family, tasks, cfg, generator, n_samples):
-    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, scored on the
-    model's device. Returns (steps_right, teacher_forced): per sample, whether greedy decoding got each
-    answer step right, and whether the argmax at every answer position given the true prefix was right."""
+    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, scored
+    on the model's device. Returns (steps_right, teacher_forced): per sample, whether greedy
+    decoding got each answer step right, and whether the argmax at every answer position given
+    the true prefix was right."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
@@ -440,380 +655,33 @@ def score(model, family, tasks, cfg, generator, n_samples):
 
 
 def evaluate(model, family, tasks, cfg, generator, n_samples):
-    """score, as numbers. exact_match_generated: greedy decoding of the whole answer from the query's input;
-    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the whole
-    answer the two are the same number (greedy decoding reproduces the true answer exactly when every
-    teacher-forced argmax is right); both are kept as a check of the decoder. They differ per step:
-    per_step: generated accuracy of each answer step; per_task: generated exact match per task."""
+    """score, as numbers. exact_match_generated: greedy decoding of the whole answer;
+    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the
+    whole answer the two are the same number (greedy decoding reproduces the answer exactly when
+    every teacher-forced argmax is right): both are kept as a check of the decoder. Per step they
+    differ: per_step is generated accuracy of each answer step; per_task, exact match per task."""
     steps_right, teacher_forced = score(model, family, tasks, cfg, generator, n_samples)
-    steps_right = steps_right.float()
     generated = steps_right.all(1).float()
     return {
         "exact_match_generated": generated.mean().item(),
         "exact_match_teacher_forced": teacher_forced.float().mean().item(),
-        "per_step": steps_right.mean(0).tolist(),
+        "per_step": steps_right.float().mean(0).tolist(),
         "per_task": generated.view(len(tasks), -1).mean(1).tolist(),
         "n_samples": len(generated),
     }
 
 
-def autocast(device, precision="auto"):
-    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked. auto is fp32
-    everywhere (with TF32 matmuls on CUDA, set by train): the recipe's learning was measured in fp32."""
-    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
-
-
-def atomic_write(path, write):
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json(path, data):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-    atomic_write(path, write)
-
-
-@dataclass
-class Checkpoint:
-    path: str = None  # where to save (None: never)
-    resume: str = None  # where to resume from (None: start fresh)
-    run: dict = None  # what defines the run beside TrainConfig (family, its flags, the split): a resume must match
-
-
-# Settings that change how a run is scored or where it runs, not what it trains: a resume may change them.
-EVALUATION_ONLY = ("eval_samples", "eval_every", "device")
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint where it could."""
-
-    def __init__(self, step, path, resume=None):
-        self.step, self.path = step, path
-        saved = f"checkpoint saved to {path}; resume with {resume or f'the same command and --resume {path}'}" if path \
-            else "nothing saved (with --save FILE a run can be resumed)"
-        super().__init__(f"interrupted at step {step}: {saved}")
-
-
-def read_checkpoint(path, device="cpu"):
-    """A checkpoint's contents, or one clear error if the file is not a checkpoint of this project."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as error:  # truncated, empty or foreign: torch raises many kinds
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}); delete it to start the run over")
-    needed = {"model", "optimizer", "generator", "torch_rng", "step", "wall_seconds", "history", "milestones", "config"}
-    if not isinstance(state, dict) or not needed <= state.keys():
-        raise ValueError(f"checkpoint {path} is not a checkpoint of this project; delete it to start the run over")
-    return state
-
-
-def make_optimizer(model, cfg):
-    # As nanoGPT: weight decay on the matrices and embeddings, none on biases and LayerNorm gains; with
-    # decay_all, on every parameter, as torch's AdamW does by default (the authors' setup).
-    # fused: one kernel for all parameters on CUDA; on CPU, torch's loop over the parameters
-    decayed = lambda p: cfg.decay_all or p.dim() >= 2
-    groups = [dict(params=[p for p in model.parameters() if decayed(p)], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in model.parameters() if not decayed(p)], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-                             fused=next(model.parameters()).device.type == "cuda")
-
-
-def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
-    """One AdamW step on the answer tokens of a batch. Returns the loss as a tensor:
-    reading it (.item()) would wait for the device, so callers do that only to log."""
-    with autocast(tokens.device, precision):
-        logits = model(tokens[:, :-1])[:, positions]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach()
-
-
-def train(family, split, cfg, checkpoint=Checkpoint(), log=print, stop_after=None):
-    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics).
-
-    stop_after: stop (and checkpoint) after this many steps, as a run killed there would have.
-    """
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores: 10-bit mantissa inputs
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(family, cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
-    data = TrainingData(family, split.train, cfg, generator)
-    positions = answer_positions(family, cfg, device)
-    # Evaluation and decoding keep the plain module: their shapes vary, which would recompile.
-    step_model = torch.compile(model) if cfg.compile else model
-    history, milestones, decay_start = [], {}, None
-    start_step, elapsed_before = 0, 0.0
-    if checkpoint.resume:
-        state = read_checkpoint(checkpoint.resume, device)
-        saved = {**asdict(TrainConfig()), **state["config"]}  # a setting newer than the checkpoint had its default
-        # with a target, when progress evaluations happen decides where training stops
-        ignored = EVALUATION_ONLY if cfg.target_accuracy is None else tuple(k for k in EVALUATION_ONLY if k != "eval_every")
-        differing = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignored and saved.get(k) != v}
-        saved_run, run = state.get("run") or {}, checkpoint.run or {}
-        differing.update({k: "differs" for k in saved_run.keys() | run.keys() if saved_run.get(k) != run.get(k)})
-        if differing:
-            raise ValueError(f"checkpoint {checkpoint.resume} belongs to another run (saved, now): {differing}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["fused"] = device.type == "cuda"  # as make_optimizer sets it for this device
-        start_step, elapsed_before = state["step"], state["wall_seconds"]
-        if state.get("generator_device", "cpu") == device.type:
-            generator.set_state(state["generator"].to(generator.get_state().device))
-            torch.set_rng_state(state["torch_rng"])  # dropout's masks
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        else:  # each device type has its own generator state: draw the rest of the data from a new seed
-            generator.manual_seed(cfg.seed + start_step)
-            log(f"note: the checkpoint was written on {state['generator_device']}; the data from step {start_step} on "
-                f"differ from an uninterrupted run's")
-        history, milestones, decay_start = state["history"], state["milestones"], state.get("decay_start")
-        log(f"resumed from {checkpoint.resume} at step {start_step}")
-
-    def save(step, elapsed):
-        if checkpoint.path:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                         generator_device=device.type, torch_rng=torch.get_rng_state(), step=step, wall_seconds=elapsed,
-                         history=history, milestones=milestones, decay_start=decay_start, config=asdict(cfg),
-                         run=checkpoint.run)
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            atomic_write(checkpoint.path, lambda tmp: torch.save(state, tmp))
-
-    stop_signals = []  # SIGINT or SIGTERM: save and stop after the step under way
-    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum)) for s in handled}
-
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens per sample, "
-        f"{len(split.train)} training tasks, {len(split.test)} unseen tasks of {split.n_total}")
-    tokens_per_step = cfg.batch_size * model.config.block_size
-    loss_sum = torch.zeros((), device=device)
-    t0 = time.time() - elapsed_before
-    last_log, last_log_step, last_save = time.time(), start_step, time.time()
-    end_of = lambda start: start + decay_length(start, cfg)  # by rule, where a decay from start ends
-    last_step = cfg.steps or (cfg.max_steps if decay_start is None else end_of(decay_start))
-    log(f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
-        f"steps by rule: lr {cfg.lr:g} held until the training tasks reach {cfg.fit_accuracy} exact match (checked "
-        f"every {cfg.eval_every} steps), then decayed over {cfg.decay_fraction:g} times the steps so far; "
-        f"at most {cfg.max_steps} steps")
-    if stop_after is not None:
-        last_step = min(last_step, stop_after)
-    target_reached = lambda: cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in milestones
-    if target_reached():  # a resume of a run that had reached its target: nothing left to train
-        last_step = start_step
-    try:
-        step = start_step
-        while step < last_step:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg, decay_start)
-            loss_sum += train_step(step_model, optimizer, data.next_batch(step), positions, cfg.grad_clip, cfg.precision)
-            done = step = step + 1
-            if done % cfg.eval_every == 0 or done == (cfg.steps or decay_start and end_of(decay_start)):
-                mean_loss = loss_sum.item() / (done - last_log_step)
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training loss became {mean_loss} by step {done}; lower --lr")
-                # A separate generator, so that progress evaluations never change the training data.
-                quick = evaluate(model, family, split.test, cfg, torch.Generator(device=device).manual_seed(done), n_samples=256)
-                now = time.time()
-                tokens_per_second = tokens_per_step * (done - last_log_step) / (now - last_log)
-                elapsed = now - t0
-                unseen = quick["exact_match_generated"]
-                record = dict(step=done, loss=mean_loss, unseen_exact_match=unseen, wall_seconds=elapsed)
-                if cfg.steps is None and decay_start is None:  # by rule: are the training tasks fitted?
-                    fit = evaluate(model, family, split.train, cfg, torch.Generator(device=device).manual_seed(done),
-                                   n_samples=256)["exact_match_generated"]
-                    record["train_exact_match"] = fit
-                    if fit >= cfg.fit_accuracy or done >= latest_decay_start(cfg):
-                        decay_start = done
-                        last_step = end_of(done) if stop_after is None else min(end_of(done), stop_after)
-                        log(f"training tasks at {fit:.3f} exact match by step {done}" +
-                            ("" if fit >= cfg.fit_accuracy else f", short of {cfg.fit_accuracy}") +
-                            f": the lr decays until step {end_of(done)}")
-                history.append(record)
-                goals = ["0.90", "0.98"] + ([f"{cfg.target_accuracy}"] if cfg.target_accuracy is not None else [])
-                for goal in goals:
-                    if unseen >= float(goal) and goal not in milestones:
-                        milestones[goal] = dict(step=done, wall_seconds=elapsed)
-                eta = elapsed / done * ((cfg.steps or end_of(decay_start or latest_decay_start(cfg))) - done)
-                per_step = " ".join(f"{p:.2f}" for p in quick["per_step"])
-                log(f"step {done:6d} | loss {mean_loss:.4f} | lr {learning_rate(step, cfg):.2e} | unseen exact match {unseen:.3f} "
-                    f"(per step {per_step}) "
-                    f"| {tokens_per_second:,.0f} tok/s | {elapsed:5.0f}s elapsed, ETA {eta:4.0f}s")
-                loss_sum.zero_()
-                last_log, last_log_step = time.time(), done
-            if time.time() - last_save > cfg.checkpoint_every_seconds:  # evaluations can be half an hour apart
-                save(done, time.time() - t0)
-                last_save = time.time()
-            if target_reached():
-                last_step = done  # training ends here
-            if stop_signals:
-                save(done, time.time() - t0)
-                raise Interrupted(done, checkpoint.path)
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-    wall_seconds = time.time() - t0
-    save(last_step, wall_seconds)
-    return model, dict(
-        steps=last_step, wall_seconds=wall_seconds,
-        tokens_per_second=tokens_per_step * (last_step - start_step) / max(1e-9, wall_seconds - elapsed_before),
-        history=history, time_to_accuracy=milestones, n_parameters=model.num_params())
-
-
-def run_split(family, split, cfg, exclusion=Exclusion(), checkpoint=Checkpoint(), log=print):
-    """Train, then score fresh samples of the training tasks and of the unseen tasks (and apart:
-    under an exclusion, its in- and out-of-distribution unseen tasks; where training missed some
-    (step, option) pairs, the unseen tasks whose every pair it covered and those that use one it missed)."""
-    model, results = train(family, split, cfg, checkpoint, log)
+def final_evaluation(model, family, split, cfg):
+    """Fresh samples of the training tasks and of the unseen tasks, and apart: under an exclusion,
+    its in- and out-of-distribution unseen tasks; where training missed some (step, option) pairs,
+    the unseen tasks whose every pair it covered and those that use one it missed."""
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     groups = {"train_tasks": split.train, "unseen_tasks": split.test}
-    if exclusion.any():
+    if cfg.missing_coordinate or cfg.missing_pair:
         groups["unseen_in_distribution"] = split.test[~split.test_excluded]
         groups["unseen_out_of_distribution"] = split.test[split.test_excluded]
     if split.uncovered:  # what the theory expects to be solved, and what it does not
-        groups["unseen_covered"] = split.test[~split.test_uncovered]
-        groups["unseen_uncovered"] = split.test[split.test_uncovered]
-    for name, tasks in groups.items():
-        if len(tasks):
-            results[name] = evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
-    results["peak_memory_mb"] = peak_memory_mb(torch.device(cfg.device))
-    return results
-
-
-def peak_memory_mb(device):
-    """The most memory this process has held so far: on CUDA the tensors' peak on the device,
-    elsewhere the process's peak resident memory (KB on Linux, bytes on macOS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def timed(fn, repeats, device):
-    """Seconds per call of fn, after one warm-up call, waiting for the device at the ends only."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def matmul_peak(device, dtype, n=2048, repeats=5):
-    """Measured FLOP/s of a square matmul: the device's practical peak, for MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, repeats, device)
-
-
-class HFLogits(torch.nn.Module):
-    """A Hugging Face causal LM seen as ids -> logits, so our train_step can drive it."""
-
-    def __init__(self, hf_model):
-        super().__init__()
-        self.hf_model = hf_model
-
-    def forward(self, idx):
-        return self.hf_model(idx).logits
-
-
-def hf_gpt2_speedup(model, optimizer_cfg, tokens, positions, precision, rounds=3):
-    """Our training step (in `precision`, and in fp32) against Hugging Face's GPT2LMHeadModel with eager
-    attention in fp32 (the authors' stack), same shapes and optimizer, timed alternately in this
-    process through the same train_step. None without transformers."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        return None
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                                    n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                    bos_token_id=None, eos_token_id=None, attn_implementation="eager")).to(tokens.device)
-    ours = (model, make_optimizer(model, optimizer_cfg))
-    steps = {"ours": (*ours, precision), "ours_fp32": (*ours, "fp32"),
-             "hf": (HFLogits(hf), make_optimizer(hf, optimizer_cfg), "fp32")}
-    seconds = {name: [] for name in steps}
-    for _ in range(rounds):  # alternate, so that all see the same machine state
-        for name, (net, optimizer, prec) in steps.items():
-            seconds[name].append(timed(lambda: train_step(net, optimizer, tokens, positions, optimizer_cfg.grad_clip, prec),
-                                       1, tokens.device))
-    best = {name: min(s) for name, s in seconds.items()}
-    return dict(hf_train_step_seconds=best["hf"], ours_train_step_seconds=best["ours"], ours_precision=precision,
-                speedup_vs_hf=best["hf"] / best["ours"], ours_fp32_train_step_seconds=best["ours_fp32"],
-                speedup_vs_hf_both_fp32=best["hf"] / best["ours_fp32"])
-
-
-def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
-    """Training, decoding and data-generation speed of one configuration on cfg.device.
-    Training is timed in each of precisions (bf16: autocast); the fastest is the headline."""
-    device = torch.device(cfg.device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    model = build_model(family, cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
-    rng = np.random.default_rng(0)
-    ranks = [random_below(rng, family.universe.size) for _ in range(cfg.batch_size)]
-    tasks = torch.as_tensor(family.universe.tuples(ranks), device=device)
-    batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
-    positions = answer_positions(family, cfg, device)
-    step_seconds = {precision: timed(lambda: train_step(model, optimizer, batch.tokens, positions, cfg.grad_clip, precision),
-                                     repeats, device) for precision in precisions}
-    precision = min(step_seconds, key=step_seconds.get)
-    n_tokens = batch.tokens.size(0) * (batch.tokens.size(1) - 1)
-    # Training FLOPs per token: 6 per weight (forward and backward) plus attention's
-    # 6 * 2 * n_layer * T * width over the causal half of a T-token context.
-    # Counted per position: with packed inputs the model sees fewer positions than tokens.
-    seq = batch.tokens.size(1) - 1
-    if model.packed is not None:
-        seq = len(model.packed.layout(0, seq, device).slot_example)
-    n_weights = sum(p.numel() for name, p in model.named_parameters()
-                    if not name.startswith(("wpe", "packed.wpe", "packed.wte_input")))  # lookups, no matmul; wte is also the head
-    flops_per_position = 6 * n_weights + 6 * cfg.n_layer * seq * cfg.n_embd
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {precision: matmul_peak(device, dtypes[precision]) for precision in precisions}
-    achieved = flops_per_position * batch.tokens.size(0) * seq / step_seconds[precision]
-    prefix = batch.tokens[:, :-batch.answer_len]
-    model.eval()
-    with autocast(device):
-        cached = timed(lambda: model.generate(prefix, batch.answer_len), repeats, device)
-        recomputed = timed(lambda: model.generate(prefix, batch.answer_len, use_cache=False), repeats, device)
-        same = torch.equal(model.generate(prefix, batch.answer_len), model.generate(prefix, batch.answer_len, use_cache=False))
-    data_batch = 1024
-    data_tasks = tasks.repeat(data_batch // len(tasks) + 1, 1)[:data_batch]
-    data_seconds = timed(lambda: make_batch(family, data_tasks, cfg.context_length, cfg.cot, generator), repeats, device)
-    model.train()
-    if model.packed is not None:
-        hf_gpt2 = dict(skipped="Hugging Face's GPT-2 has no packed inputs to compare with")
-    else:
-        hf_gpt2 = hf_gpt2_speedup(model, cfg, batch.tokens, positions, precision) or dict(skipped="transformers is not installed")
-    return dict(
-        hf_gpt2=hf_gpt2, positions_per_sample=seq,
-        tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size, n_parameters=model.num_params(),
-        train_precision=precision, train_step_seconds=step_seconds[precision],
-        train_step_seconds_by_precision=step_seconds, train_tokens_per_second=n_tokens / step_seconds[precision],
-        achieved_flops=achieved, matmul_peak_flops=peaks[precision], matmul_peak_flops_by_precision=peaks,
-        mfu=achieved / peaks[precision],
-        generate_tokens_per_second=prefix.size(0) * batch.answer_len / cached,
-        generate_speedup_vs_recompute=recomputed / cached, generate_cached_equals_recompute=same,
-        data_samples_per_second=data_batch / data_seconds,
-    )
+        groups["unseen_covered"] = split.test[split.test_uncovered == 0]
+        groups["unseen_uncovered"] = split.test[split.test_uncovered > 0]
+    return {name: evaluate(model, family, tasks, cfg, generator, cfg.eval_samples)
+            for name, tasks in groups.items() if len(tasks)}

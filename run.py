@@ -2,715 +2,625 @@
 
     python run.py                      # the CPU default: sparse parity, CoT, minutes on a laptop
     python run.py parity --no-cot      # the same, answer-only in-context learning
-    python run.py parity --help        # every knob, with its meaning in the paper
+    python run.py parity --help        # every setting, with its meaning in the paper
+    python run.py scaling              # an experiment: its runs, then a summary
 
-Every run prints progress, ends with a table, and writes a JSON file of results.
+The method is arc.py; this file is what surrounds it: flags, presets, sweeps, reports, benchmarks.
 """
 
 import argparse
+import inspect
 import json
 import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
-from arc import (POSITIONS, Checkpoint, Exclusion, Interrupted, TrainConfig, atomic_write, benchmark, check_memory,
-                 coverage, flag_name, parse_task_count, read_checkpoint, run_split, save_json, split_tasks)
-from tasks import ARITHMETIC_OPS, LANGUAGES, Arithmetic, SparseParity, Translation
-
+import arc
+from arc import Config, Interrupted
+from tasks import Arithmetic, SparseParity, Translation, make_batch
 
 
 def log(line):
-    print(line, flush=True)  # flushed, so a run logging to a file can be followed as it goes
+    print(line, flush=True)  # flushed, so that a run logging to a file can be followed
 
 
-@dataclass
-class Family:
-    add_args: Callable  # adds the family's own flags to its subcommand
-    build: Callable  # parsed flags -> the ARCFamily
-    preset: dict  # the family's CPU preset: the TrainConfig fields (and common flags) where it departs from the recipe
+def save_json(path, data):
+    arc.atomic_write(path, lambda tmp: json.dump(data, open(tmp, "w"), indent=1))
 
 
-def add_parity_args(parser):
-    parser.add_argument("--d", type=int, default=7, help="input length: x is uniform in {0,1}^d; D = d options per step")
-    parser.add_argument("--k", type=int, default=3,
-                        help="secret coordinates per task: the answer is the parity of k bits; T = k steps")
-    parser.add_argument("--unsorted", action=argparse.BooleanOptionalAction, default=True,
-                        help="tasks are ordered k-tuples (d!/(d-k)! tasks) instead of the paper's sorted ones "
-                             "(C(d,k)); the chain of thought follows the tuple's order")
+# ----------------------------------------------------------------------------- families and presets
+# A family's flags are its constructor's keywords (tasks.py). A preset is a dict of overrides of
+# Config's fields and the family's flags, checked by name (make_run).
 
-
-def build_parity(args):
-    return SparseParity(args.d, args.k, unsorted=args.unsorted)
-
-
-def add_arithmetic_args(parser):
-    parser.add_argument("--modulus", type=int, default=10, help="p: inputs and answers are residues mod p")
-    parser.add_argument("--ops", nargs="+", default=["add", "sub", "mul"], metavar="OP",
-                        help=f"the D operations a step chooses from, of: {' '.join(ARITHMETIC_OPS)}")
-    parser.add_argument("--steps-per-task", type=int, default=6, help="T: operations applied one after another")
-
-
-def build_arithmetic(args):
-    return Arithmetic(tuple(args.ops), args.steps_per_task, args.modulus)
-
-
-def add_translation_args(parser):
-    parser.add_argument("--languages", type=int, default=6,
-                        help=f"D: a step translates into one of the first D of {', '.join(LANGUAGES)}")
-    parser.add_argument("--steps-per-task", type=int, default=6,
-                        help="T: languages per task (repeats allowed); the query shows step 1, the model writes 2..T")
-
-
-def build_translation(args):
-    return Translation(args.languages, args.steps_per_task)
-
-
-# `python run.py` is `python run.py parity`: the CPU default is TrainConfig's recipe on parity's own defaults,
-# ordered 3-tuples of 7 coordinates, trained on 3 d ln d = 41 of the 210 tasks (every (step, option) pair
-# covered). Each other family's preset names the fields where it departs from the recipe.
-FAMILIES = {
-    "parity": Family(add_parity_args, build_parity, {}),
-    # Arithmetic (docs/recipe.md): no weight decay, 12 examples, and an input curriculum, without which add and
-    # sub are never told apart in context: small operands first, where they move y_t in opposite directions.
-    "arithmetic": Family(add_arithmetic_args, build_arithmetic,
-                         dict(n_train_tasks="72", context_length=12, weight_decay=0.0, input_curriculum=0.6, steps=12000)),
-    # Translation is learned by a plain two-layer GPT-2 in a few hundred steps.
-    "translation": Family(add_translation_args, build_translation,
-                          dict(n_train_tasks="40", context_length=4, n_layer=2, position="absolute", embedding_std=0.02,
-                               token_shift=False, weight_decay=0.0, lr=3e-3, batch_size=32, steps=800, eval_every=500)),
+FAMILIES = {"parity": SparseParity, "arithmetic": Arithmetic, "translation": Translation}
+PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
+    "parity": {},  # `python run.py`: 3 d ln d = 41 of the 210 ordered 3-tuples of 7 coordinates
+    # no weight decay, 12 examples, and an input curriculum, without which add and sub are never
+    # told apart in context: small operands first, where they move y_t in opposite directions
+    "arithmetic": dict(n_train_tasks="72", context_length=12, weight_decay=0.0,
+                       input_curriculum=0.6, steps=12000),
+    # a plain two-layer GPT-2 learns translation in a few hundred steps
+    "translation": dict(n_train_tasks="40", context_length=4, n_layers=2, position="absolute",
+                        embedding_std=0.02, token_shift=False, weight_decay=0.0, lr=3e-3,
+                        batch_size=32, steps=800, eval_every=500),
 }
+FIELDS = {f.name: f for f in fields(Config)}
 
 
-def add_common_args(parser):
-    d = TrainConfig()  # the one source of every default below; a family's preset overrides some
-    parser.add_argument("--n-train-tasks", default="3dlogd",
-                        help="training tasks, drawn after the unseen test tasks: an integer or a multiple of "
-                             "D ln D such as 3dlogd (the paper's claim: about D ln D suffice with CoT)")
-    parser.add_argument("--n-test-tasks", type=int, default=200,
-                        help="unseen test tasks, drawn first (fewer when the universe is small)")
-    parser.add_argument("--context-length", type=int, default=d.context_length,
-                        help="N: in-context examples per sample, all of one task; the last is the query")
-    parser.add_argument("--no-cot", action="store_true",
-                        help="answer-only in-context learning: only the final answer y_T, no intermediate steps")
-    parser.add_argument("--missing-coordinate", type=int, nargs=2, metavar=("C", "V"),
-                        help="no training task has theta_C = V (C is a 1-based step, V an option): paper Section 5.1")
-    parser.add_argument("--missing-pair", type=int, nargs=2, metavar=("A", "B"),
-                        help="no training task contains both options A and B: paper Section 5.1")
-    parser.add_argument("--n-layers", dest="n_layer", metavar="N", type=int, default=d.n_layer, help="transformer blocks (paper: 3)")
-    parser.add_argument("--n-heads", dest="n_head", metavar="N", type=int, default=d.n_head, help="attention heads per block (paper: 1)")
-    parser.add_argument("--width", dest="n_embd", metavar="WIDTH", type=int, default=d.n_embd, help="embedding width (paper: 192)")
-    parser.add_argument("--position", choices=POSITIONS, default=d.position,
-                        help="absolute: GPT-2's learned absolute positions (the paper's); broadcast: each example's input "
-                             "x enters as one position (a learned embedding per coordinate and value, summed) and is "
-                             "added, through a learned map, to the example's answer positions (docs/recipe.md)")
-    parser.add_argument("--embedding-std", type=float, default=d.embedding_std,
-                        help="initial std of the token, position and input embeddings (GPT-2 and the paper: 0.02); "
-                             "with --position broadcast, 0.3 or 1.0 let the in-context circuit form where 0.02 "
-                             "stays on the plateau (docs/recipe.md)")
-    parser.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=d.token_shift,
-                        help="every position also gets a learned map of the previous position's embedding, so an "
-                             "answer step meets the step before it in one vector (not in the paper's GPT-2)")
-    parser.add_argument("--dropout", type=float, default=d.dropout,
-                        help="dropout on embeddings, attention weights and residual branches (GPT-2 and the paper: 0.1)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (paper: 8e-5)")
-    parser.add_argument("--min-lr", type=float, default=d.min_lr, help="the cosine schedule's floor (paper: 1e-6)")
-    parser.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="AdamW's beta2 (paper: 0.999)")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                        help="AdamW weight decay on matrices and embeddings (paper: 0.01 on every parameter)")
-    parser.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=d.decay_all,
-                        help="weight decay on every parameter, biases and LayerNorm gains too (paper)")
-    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping; 0: none (paper)")
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step (paper: 64)")
-    parser.add_argument("--steps", type=int, default=d.steps,
-                        help="optimizer steps, the lr decaying over them; default: by rule, the lr held until the "
-                             "training tasks reach --fit-accuracy, then decayed over --decay-fraction of the steps so far")
-    parser.add_argument("--fit-accuracy", type=float, default=d.fit_accuracy,
-                        help="by rule: training-task exact match at a progress check that ends the hold")
-    parser.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
-                        help="by rule: the decay's length, as a fraction of the steps before it")
-    parser.add_argument("--max-steps", type=int, default=d.max_steps,
-                        help="by rule: the most steps; the decay starts in time to end by then")
-    parser.add_argument("--schedule-steps", type=int, default=d.schedule_steps,
-                        help="length of the cosine decay (default: --steps), which training may stop before")
-    parser.add_argument("--target-accuracy", type=float, default=d.target_accuracy,
-                        help="stop once a progress evaluation's unseen-task exact match reaches this; the final "
-                             "score is then taken on fresh samples, and the JSON records when it was reached")
-    parser.add_argument("--n-train-total", type=int, default=None,
-                        help="train on a fixed dataset of this many samples split evenly across the training "
-                             "tasks, each once an epoch in a new order (the paper's setup), instead of fresh samples")
-    parser.add_argument("--input-curriculum", type=float, default=d.input_curriculum,
-                        help="if > 0: this fraction of the steps raises the inputs from the family's easiest (held for the "
-                             "curriculum's first 30%%) to its true distribution (arithmetic: small operands first; evaluation always uses "
-                             "the true one)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training step's model")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
-                        help="bf16: autocast matmuls to bf16 (weights stay fp32); auto: fp32, with TF32 matmuls on "
-                             "CUDA (the recipe was measured in fp32; see `python run.py bench` for bf16's speed)")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between progress evaluations")
-    parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
-                        help="fresh samples per task group in the final evaluation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the task split, the data and the model")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (the best available)")
-    parser.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
-    parser.add_argument("--save", help="checkpoint file, written atomically every few minutes and at the end")
-    parser.add_argument("--resume", help="continue from this checkpoint (same flags as the run that wrote it)")
+def family_flags(name):
+    return {k: p.default for k, p in inspect.signature(FAMILIES[name]).parameters.items()}
+
+
+def make_run(name, overrides):
+    """The family, Config and settings of `python run.py NAME` with overrides of its preset."""
+    values, own = {**PRESETS[name], **overrides}, family_flags(name)
+    unknown = sorted(values.keys() - own.keys() - FIELDS.keys())
+    if unknown:
+        raise ValueError(f"not a setting of {name}: {', '.join(unknown)}")
+    family = FAMILIES[name](**{k: values.get(k, v) for k, v in own.items()})
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                    if k in FIELDS})
+    cfg.device = resolve_device(cfg.device)
+    arc.check(cfg)
+    return family, cfg, dict(family=name, **{k: values.get(k, v) for k, v in own.items()})
 
 
 def resolve_device(name):
+    """A device that exists here; auto: CUDA, else MPS, else the CPU."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or auto")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
+    if not {"cpu": True, "cuda": cuda, "mps": mps}[torch.device(name).type]:
         raise ValueError(f"device {name!r} is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA devices")
+    if (torch.device(name).index or 0) >= max(1, torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPUs")
     return name
 
 
-def train_config(args):
-    """The TrainConfig the parsed flags describe."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["cot"] = not args.no_cot
-    values["device"] = resolve_device(args.device)
-    cfg = TrainConfig(**values)
-    cfg.check()
-    return cfg
+# ----------------------------------------------------------------------------- one run
 
-
-def print_table(results):
-    log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step (generated)")
-    for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution", "unseen_out_of_distribution",
-                  "unseen_covered", "unseen_uncovered"):
-        if group in results:
-            r = results[group]
-            steps = " ".join(f"{p:.3f}" for p in r["per_step"])
-            log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}{r['exact_match_generated']:>11.3f}"
-                f"{r['exact_match_teacher_forced']:>16.3f}   {steps}")
-
-
-def prepare_run(args):
-    """Everything a run needs before training, checked: the family, training config, exclusion and split."""
-    family = FAMILIES[args.family].build(args)
-    cfg = train_config(args)
-    exclusion = Exclusion(tuple(args.missing_coordinate) if args.missing_coordinate else None,
-                          tuple(args.missing_pair) if args.missing_pair else None)
-    exclusion.check(family.n_options, family.n_steps)
-    if exclusion.any() and not exclusion.n_excluded(family.universe):
-        raise ValueError("the exclusion removes no task of this family: nothing would be out of distribution")
-    n_train = parse_task_count(args.n_train_tasks, family.n_options)
-    if args.n_test_tasks < 1:
-        raise ValueError(f"n-test-tasks must be at least 1, got {args.n_test_tasks}")
-    if args.resume and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume file {args.resume} does not exist")
-    split = split_tasks(family.universe, n_train, args.seed, exclusion, max_test=args.n_test_tasks)
-    if cfg.n_train_total is not None and cfg.n_train_total < len(split.train):
-        raise ValueError(f"n-train-total {cfg.n_train_total} is fewer than one sample for each of the "
-                         f"{len(split.train)} training tasks")
-    check_memory(family, cfg)
-    outputs = {flag: getattr(args, flag) for flag in ("out", "save", "resume") if getattr(args, flag)}
-    checkpoint = args.save or args.resume  # where checkpoints are written
-    if args.out and checkpoint and os.path.abspath(args.out) == os.path.abspath(checkpoint):
-        raise ValueError("--out names the checkpoint file: the results would overwrite it")
-    for flag, path in outputs.items():
-        check_writable(path, flag)
-    for path in outputs.values():  # every check passed: only now make the folders
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return family, cfg, exclusion, split
+def check_memory(family, cfg):
+    """Refuse a run that cannot fit in the device's memory, by a rough upper estimate: weights
+    with gradients and AdamW moments, a fixed dataset, and the larger of a training step's
+    activations and an evaluation batch's (one layer at a time) with the scores it collects."""
+    tokens, width = cfg.context_length * family.example_len(cfg.cot), cfg.width
+    weights = 16 * (12 * cfg.n_layers * width**2
+                    + (family.vocab_size * (1 + family.input_len) + tokens) * width)
+    per_sample = 4 * (20 * tokens * width + 2 * cfg.n_heads * tokens * tokens)
+    evaluation = (min(500, max(1, arc.EVAL_BATCH_TOKENS // tokens)) * per_sample
+                  + 16 * cfg.eval_samples * (tokens + 6))
+    needed = (weights + 8 * tokens * (cfg.n_train_total or 0)
+              + max(cfg.n_layers * cfg.batch_size * per_sample, evaluation))
+    device = torch.device(cfg.device)
+    available = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if needed > available:
+        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has "
+                         f"{available / 2**30:,.1f} GiB: lower --width, --n-layers, "
+                         "--context-length, --batch-size, --n-train-total or --eval-samples")
 
 
 def check_writable(path, flag):
-    """Refuse, before training, an output file that could not be written: a folder, or a file below a
-    file, or a place where the nearest existing folder takes no new file. Makes nothing."""
+    """Refuse an output file that could not be written, before training. Makes nothing."""
     if os.path.isdir(path):
         raise ValueError(f"--{flag} {path} is a folder: give a file name")
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--{flag} {path} cannot be written: {existing} is a file")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(0, f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise ValueError(f"--{flag} {path} cannot be written: {error.strerror} in {existing}")
 
 
-def run_definition(args, split):
-    """What defines a run beside its TrainConfig: the family, its own flags (d, k, ops, ...), the exclusion
-    and the split. A checkpoint stores it, and a resume that would change it is refused."""
-    parser = argparse.ArgumentParser()
-    FAMILIES[args.family].add_args(parser)
-    family_flags = {name: getattr(args, name) for name in vars(parser.parse_args([]))}
-    return dict(family=args.family, **family_flags, missing_coordinate=args.missing_coordinate,
-                missing_pair=args.missing_pair, train_tasks=split.train.tolist(), test_tasks=split.test.tolist())
+def prepare(name, values, out=None, save=None, resume=None):
+    """Everything a run needs before training, checked: family, Config, split and identity
+    (what a checkpoint or a finished run must match: the settings and the split)."""
+    family, cfg, flags = make_run(name, values)
+    split = arc.split_for(family, cfg)
+    if cfg.n_train_total is not None and cfg.n_train_total < len(split.train):
+        raise ValueError(f"n-train-total {cfg.n_train_total} is fewer than one sample for each "
+                         f"of the {len(split.train)} training tasks")
+    check_memory(family, cfg)
+    if resume and not os.path.isfile(resume):
+        raise ValueError(f"--resume file {resume} does not exist")
+    if out and (save or resume) and os.path.abspath(out) == os.path.abspath(save or resume):
+        raise ValueError("--out names the checkpoint file: the results would overwrite it")
+    for flag, path in dict(out=out, save=save, resume=resume).items():
+        path and check_writable(path, flag)
+    identity = json.loads(json.dumps(dict(flags, **asdict(cfg), train_tasks=split.train.tolist(),
+                                          test_tasks=split.test.tolist())))
+    return family, cfg, split, identity
 
 
 def provenance(cfg):
-    """What a result depends on beyond its flags: the settings as resolved, the code, torch and the machine."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
-    try:
-        commit, changed = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        commit, changed = None, None
-    device = torch.device(cfg.device)
-    precision = {"bf16": "bf16 autocast"}.get(cfg.precision, "fp32, TF32 matmuls" if device.type == "cuda" else "fp32")
-    return dict(train_config=asdict(cfg), precision=precision, torch=torch.__version__, git_commit=commit,
-                uncommitted_changes=changed, threads=torch.get_num_threads(),
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+    """What a result depends on beyond its settings: the code, torch, the machine, the memory."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    cuda = cfg.device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cuda else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform ==
+                                                                 "darwin" else 2**10))
+    return dict(precision={"bf16": "bf16 autocast", "auto": "fp32, TF32 matmuls" if cuda else
+                           "fp32"}.get(cfg.precision, "fp32"), torch=torch.__version__,
+                git_commit=git("rev-parse", "HEAD") or None, threads=torch.get_num_threads(),
+                uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")),
+                device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
+                peak_memory_mb=peak)
 
 
-def run_family(args):
-    """One training run of one family: split, train, evaluate, write JSON. Returns the results."""
-    args.out = out = args.out or os.path.join("out", f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    family, cfg, exclusion, split = prepare_run(args)
-    log(f"{args.family}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
+STOP = []  # the signals that asked the run under way to stop
+
+
+def run_one(name, values, out=None, save=None, resume=None):
+    """One run: split, train, evaluate, write the results JSON. Returns the results."""
+    out = out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    family, cfg, split, identity = prepare(name, values, out, save, resume)
+    log(f"{name}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
     if split.uncovered:
-        log(f"note: no training task has the (step, option) pairs {split.uncovered}; {split.test_uncovered.sum()} of the "
-            f"{len(split.test)} unseen tasks use one, and the ARC theory does not expect those to be solved")
-    checkpoint = Checkpoint(path=args.save or args.resume, resume=args.resume, run=run_definition(args, split))
-    results = run_split(family, split, cfg, exclusion, checkpoint, log)
-    results = dict(config=vars(args), family=args.family, n_total_tasks=split.n_total, n_train_tasks=len(split.train),
-                   n_test_tasks=len(split.test), train_task_list=split.train.tolist(),
-                   test_task_list=split.test.tolist(), uncovered_step_options=split.uncovered, **provenance(cfg),
-                   **results)
+        log(f"note: no training task has the (step, option) pairs {split.uncovered}; "
+            f"{(split.test_uncovered > 0).sum()} of the {len(split.test)} unseen tasks use one, "
+            f"so the ARC theory promises {split.ceiling():.3f} on unseen tasks, not more")
+    STOP.clear()
+    handlers = {s: signal.signal(s, lambda signum, _: STOP.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        model, results = arc.train(family, split, cfg, log, save or resume, resume, identity,
+                                   lambda step: bool(STOP), log if sys.stdout.isatty() else None)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    results = dict(config={k: v for k, v in identity.items() if not k.endswith("_tasks")},
+                   n_total_tasks=split.n_total, n_train_tasks=len(split.train),
+                   n_test_tasks=len(split.test), train_task_list=identity["train_tasks"],
+                   test_task_list=identity["test_tasks"], uncovered_step_options=split.uncovered,
+                   ceiling=split.ceiling(), **provenance(cfg), **results,
+                   **arc.final_evaluation(model, family, split, cfg))
     save_json(out, results)
-    print_table(results)
-    log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training tokens/s; results in {out}")
-    return results
-
-
-def run_bench(args):
-    """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
-    device = resolve_device(args.device)
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as training has it
-    parity = build_parser().parse_args(["parity"])
-    shapes = {
-        "paper": (SparseParity(15, 3), TrainConfig(**PAPER_RECIPE, device=device)),
-        "cpu_default": (build_parity(parity), train_config(parity)),
-    }
-    results = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    for name, (family, cfg) in shapes.items():
-        cfg.device = device
-        r = results[name] = benchmark(family, cfg)
-        by_precision = ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["train_step_seconds_by_precision"].items())
-        log(f"{name}: {r['tokens_per_sample']} tokens ({r['positions_per_sample']} positions) x batch {r['batch_size']}, "
-            f"{r['n_parameters'] / 1e6:.2f}M parameters\n"
-            f"  training   {r['train_step_seconds'] * 1e3:8.1f} ms/step ({r['train_precision']}; ms/step by precision: {by_precision})  "
-            f"{r['train_tokens_per_second']:,.0f} tokens/s  {r['achieved_flops'] / 1e9:.1f} GFLOP/s = MFU {r['mfu']:.1%} "
-            f"of a measured {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s {r['train_precision']} matmul\n"
-            f"  generate   {r['generate_tokens_per_second']:12,.0f} answer tokens/s, {r['generate_speedup_vs_recompute']:.1f}x "
-            f"recomputation (identical: {r['generate_cached_equals_recompute']})\n"
-            f"  data       {r['data_samples_per_second']:12,.0f} samples/s")
-        hf = r["hf_gpt2"]
-        log(f"  HF GPT2LMHeadModel comparison skipped: {hf['skipped']}" if "skipped" in hf else
-            f"  vs HF GPT2LMHeadModel (eager, fp32), alternating: {hf['hf_train_step_seconds']:.2f} s vs "
-            f"{hf['ours_train_step_seconds']:.2f} s per step ({hf['ours_precision']}) = {hf['speedup_vs_hf']:.2f}x; "
-            f"both fp32: {hf['speedup_vs_hf_both_fp32']:.2f}x")
-    results.update({f"{key}": value for key, value in results["paper"].items()})  # paper shapes at top level
-    if args.out:
-        save_json(args.out, results)
-        log(f"written to {args.out}")
+    log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step")
+    for group in (g for g in results if g.startswith(("train_tasks", "unseen_"))):
+        r = results[group]
+        log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}"
+            f"{r['exact_match_generated']:>11.3f}{r['exact_match_teacher_forced']:>16.3f}   "
+            + " ".join(f"{p:.3f}" for p in r["per_step"]))
+    log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training "
+        f"tokens/s; results in {out}")
     return results
 
 
 # ----------------------------------------------------------------------------- experiments
-# An experiment is data: for each preset, a list of runs, each a family and the fields (flags) where
-# it departs from that family's preset. One driver (run_experiment) executes them all.
+# An experiment is data: for each preset, its runs, each a family and the overrides of that
+# family's preset that make it, under the paper's finding. run_experiment runs them all.
 
-# The authors' setup (README: the paper preset): GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay
-# 0.01 on every parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
-# dataset (390 steps each), batch 64. Those 3.1 million steps are cut to 1,000 epochs at most, and to fewer
-# where a run reaches its target.
-PAPER_RECIPE = dict(n_layer=3, n_head=1, n_embd=192, context_length=40, position="absolute", embedding_std=0.02,
-                    token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6, adam_beta2=0.999, weight_decay=0.01,
-                    decay_all=True, grad_clip=0.0, warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
+# The authors' setup: GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay 0.01 on every
+# parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
+# dataset (390 steps each), batch 64, cut to 1,000 epochs or to where a run reaches its target.
+PAPER_RECIPE = dict(n_layers=3, n_heads=1, width=192, context_length=40, position="absolute",
+                    embedding_std=0.02, token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6,
+                    adam_beta2=0.999, weight_decay=0.01, decay_all=True, grad_clip=0.0,
+                    warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
                     schedule_steps=3120000, eval_every=1950)
-PAPER_PARITY = dict(**PAPER_RECIPE, unsorted=False)  # the paper's tasks are sorted tuples
-# The CPU presets run the recipe at the paper's sizes where a 2-core CPU allows (n-tasks, scaling,
-# task-selection), elsewhere at the default's d = 7; docs/results.md gives each run's time.
-# The paper's scaling table, (d, k, training tasks, unseen-task exact match %), sorted tuples; the CPU
-# recipe learns the k steps one after another, so a row's steps grow with k.
-PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67), (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
+PAPER = dict(PAPER_RECIPE, tuples="sorted")  # the paper's parity tasks are sorted tuples
+# The paper's scaling table: (d, k, training tasks, unseen-task exact match %), sorted tuples.
+PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67),
+                 (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
+SORTED_D10 = dict(d=10, k=3, tuples="sorted")
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
-
-
-def cpu_scaling(rows):
-    return [("parity", dict(d=d, k=k, unsorted=False, n_train_tasks=str(n))) for d, k, n, _ in rows]
-
-
 EXPERIMENTS = {
-    "icl-vs-cot": {  # E1: the paper's is Parity(10,2) with 45 tasks; on CPU, the CPU default's problem
-        # the same fixed steps for both: answer only never fits its training tasks, so no rule would end it
-        "cpu": [("parity", dict(steps=8000)), ("parity", dict(no_cot=True, steps=8000))],
-        "paper": [("parity", dict(d=10, k=2, n_train_tasks="20", **PAPER_PARITY, **cot)) for cot in ({}, dict(no_cot=True))],
-    },
-    "n-tasks": {  # E3: unseen-task accuracy against the number of training tasks, around D ln D
-        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks=n)) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
-        "paper": [("parity", dict(d=d, k=3, n_train_tasks=n, **PAPER_PARITY))
-                  for d in (10, 15, 20) for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
-    },
-    "scaling": {  # E2: the paper's table; cpu: its first two rows, long: all five
-        "cpu": cpu_scaling(PAPER_SCALING[:2]),
-        "long": cpu_scaling(PAPER_SCALING),
-        "paper": [("parity", dict(d=d, k=k, n_train_tasks=str(n), **PAPER_PARITY, target_accuracy=round(accuracy / 100, 4)))
-                  for d, k, n, accuracy in PAPER_SCALING],
-    },
-    "task-selection": {  # E4: paper Section 5.1, d = 10, k = 3, sorted. 60 test tasks, half the universe, hold
-        # about half of the tasks an exclusion removes (10 of 20 for the coordinate, 4 of 8 for the pair);
-        # 2 d ln d = 46 training tasks, which the allowed rest leaves on seeds 0-278 (279 is the first that fails).
-        "cpu": [("parity", dict(d=10, k=3, unsorted=False, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion))
-                for exclusion in EXCLUSIONS],
-        "paper": [("parity", dict(d=10, k=3, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion, **PAPER_PARITY))
-                  for exclusion in EXCLUSIONS],
-    },
-    "context-length": {  # E5: N in {10, 20, 30, 40} at d=15, k=3 and 4; on CPU, the default with N = 10 and 20
-        # fixed steps: with N = 10 the training tasks are never fitted, and both get the same budget
-        "cpu": [("parity", dict(context_length=n, steps=8000)) for n in (10, 20)],
-        "paper": [("parity", dict(d=15, k=k, n_train_tasks="3dlogd", **{**PAPER_PARITY, "context_length": n}))
-                  for k in (3, 4) for n in (10, 20, 30, 40)],
-    },
-    "families": {  # E6 and E7: arithmetic and multi-step translation at their presets
-        "cpu": [("arithmetic", {}), ("translation", {})],
-    },
+    "icl-vs-cot": dict(  # the paper's is Parity(10,2); on CPU the default's problem, both with
+        # the same fixed steps, since answer only never fits its training tasks to end a rule
+        finding="E1: answer-only in-context learning fails to generalize to unseen tasks; "
+                "chain of thought does.",
+        cpu=[("parity", dict(steps=8000, cot=cot)) for cot in (True, False)],
+        paper=[("parity", dict(PAPER, d=10, k=2, n_train_tasks="20", cot=cot))
+               for cot in (True, False)]),
+    "n-tasks": dict(
+        finding="E3: unseen-task accuracy rises steeply near D ln D training tasks.",
+        cpu=[("parity", dict(SORTED_D10, n_train_tasks=n))
+             for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
+        paper=[("parity", dict(PAPER, d=d, k=3, n_train_tasks=n)) for d in (10, 15, 20)
+               for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")]),
+    "scaling": dict(  # cpu: the table's first two rows; long: all five
+        finding="E2: at least 98% exact match on unseen tasks for every row of the table, "
+                "from about 3 d ln d training tasks.",
+        cpu=[("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
+             for d, k, n, _ in PAPER_SCALING[:2]],
+        long=[("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
+              for d, k, n, _ in PAPER_SCALING],
+        paper=[("parity", dict(PAPER, d=d, k=k, n_train_tasks=str(n),
+                               target_accuracy=round(acc / 100, 4)))
+               for d, k, n, acc in PAPER_SCALING]),
+    "task-selection": dict(  # 60 test tasks, half the universe, hold about half of the tasks
+        # that an exclusion removes; 2 d ln d = 46 training tasks from the rest
+        finding="E4: a missing coordinate hurts the unseen tasks that use it (OOD); a missing "
+                "pair need not.",
+        cpu=[("parity", dict(SORTED_D10, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion))
+             for exclusion in EXCLUSIONS],
+        paper=[("parity", dict(PAPER, d=10, k=3, n_train_tasks="2dlogd", n_test_tasks=60,
+                               **exclusion)) for exclusion in EXCLUSIONS]),
+    "context-length": dict(  # the paper's N is 10 to 40 at d = 15, k = 3 and 4; on CPU the
+        # default's problem with N = 10 and 20, for the same fixed steps (N = 10 never fits)
+        finding="E5: a longer context is needed to identify the task.",
+        cpu=[("parity", dict(context_length=n, steps=8000)) for n in (10, 20)],
+        paper=[("parity", dict(PAPER, d=15, k=k, context_length=n))
+               for k in (3, 4) for n in (10, 20, 30, 40)]),
+    "families": dict(
+        finding="E6, E7: arithmetic and multi-step translation also generalize exponentially "
+                "with chain of thought.",
+        cpu=[("arithmetic", {}), ("translation", {})]),
 }
-# What the paper reports for each experiment, beside which `python run.py all` puts ours.
-PAPER_FINDINGS = {
-    "icl-vs-cot": "E1: answer-only in-context learning fails to generalize to unseen tasks; chain of thought does.",
-    "n-tasks": "E3: unseen-task accuracy rises steeply near D ln D training tasks.",
-    "scaling": "E2: at least 98% exact match on unseen tasks for every row of the table, from about 3 d ln d tasks.",
-    "task-selection": "E4: a missing coordinate hurts the unseen tasks that use it (OOD); a missing pair need not.",
-    "context-length": "E5: a longer context is needed to identify the task.",
-    "families": "E6, E7: arithmetic and multi-step translation also generalize exponentially with chain of thought.",
-}
 
 
-def coverage_probability(family, n_train, n_test, trials=200):
-    """P(n_train training tasks drawn by split_tasks cover every possible (step, option) pair), by simulation."""
-    covered = sum(not split_tasks(family.universe, n_train, seed, max_test=n_test).uncovered for seed in range(trials))
-    return covered / trials
-
-
-def as_flags(fields, dashes="--"):
-    """{"d": 10, "unsorted": False, "missing_pair": (4, 6)} -> ["--d", "10", "--no-unsorted", "--missing-pair", "4", "6"]:
-    the flags that set these fields (with dashes="", the words of a run's name)."""
-    words = []
-    for name, value in fields.items():
-        flag = flag_name(name)
+def words(overrides, dashes=""):
+    """{"d": 10, "cot": False, "missing_pair": (4, 6)} -> d 10 no-cot missing-pair 4 6: the flags
+    that set them, as a list (with dashes="--", as typed)."""
+    out = []
+    for name, value in overrides.items():
+        flag = name.replace("_", "-")
         if isinstance(value, bool):
-            words.append(dashes + ("" if value else "no-") + flag)
+            out.append(dashes + ("" if value else "no-") + flag)
         else:
-            words += [dashes + flag, *map(str, value if isinstance(value, tuple) else (value,))]
-    return words
+            out += [dashes + flag, *map(str, value if isinstance(value, tuple) else [value])]
+    return out
 
 
-def run_args(parser, family, fields):
-    """The parsed flags of `python run.py FAMILY` with these fields set, as one run of an experiment is."""
-    args = parser.parse_args([family])
-    assert fields.keys() <= vars(args).keys(), f"not a field of {family}: {fields.keys() - vars(args).keys()}"
-    vars(args).update(fields)
-    return args
+def experiment_runs(experiment, preset, seeds):
+    """The runs, each (name, family, overrides, seed), in a fixed order: the unit of --list and
+    --shard. A run's name is its family and what sets it apart from the preset's other runs."""
+    runs = EXPERIMENTS[experiment][preset]
+    shared = set.intersection(*(set(overrides.items()) for _, overrides in runs))
+    own = lambda overrides: {k: v for k, v in overrides.items() if (k, v) not in shared}
+    return [("_".join([family, *words(own(overrides)), f"seed{seed}"]), family, overrides, seed)
+            for family, overrides in runs for seed in range(seeds)]
 
 
-def own_fields(configurations):
-    """For each configuration, the fields that set it apart from the others (those not shared by all)."""
-    shared = set.intersection(*(set(fields.items()) for _, fields in configurations))
-    return [{name: value for name, value in fields.items() if (name, value) not in shared} for _, fields in configurations]
+def check_finished(path, identity):
+    """Refuse a results file that a sweep would skip as done but that other settings made."""
+    if os.path.exists(path):
+        saved = json.load(open(path))["config"]
+        now = {k: v for k, v in identity.items() if not k.endswith("_tasks")}
+        differing = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+                     if k != "device" and saved.get(k) != now.get(k)}
+        if differing:
+            raise ValueError(f"{path} holds a run with other settings (saved, now): "
+                             f"{differing}; move it away or give another --out")
 
 
-def experiment_runs(args):
-    """The experiment's runs, each (name, family, fields, seed), in a fixed order: the unit of --list and --shard.
-    A run's name is its family and the fields that set it apart from the preset's other runs."""
-    configurations = EXPERIMENTS[args.family][args.preset]
-    return [("_".join([family, *as_flags(own, dashes=""), f"seed{seed}"]), family, fields, seed)
-            for (family, fields), own in zip(configurations, own_fields(configurations)) for seed in range(args.seeds)]
-
-
-def parse_shard(text):
-    """'I/N' -> (I, N), 1 <= I <= N."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text or "1/1")
+def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, shard=None,
+                   list_runs=False):
+    """The preset's runs (with shard I/N, every N-th from the I-th), skipping finished ones and
+    resuming half-finished ones; then a summary of every finished run in the folder, so that
+    shards run anywhere add up to one summary. Returns the finished runs' results."""
+    out = out or os.path.join("out", experiment, preset)
+    match = re.fullmatch(r"(\d+)/(\d+)", shard or "1/1")
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
-        raise ValueError(f"shard must be I/N with 1 <= I <= N, such as 2/4, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def check_finished_run(path, args):
-    """Refuse a results file that the sweep would skip as done but that other settings made (a run of the
-    same name from an earlier version of the preset, say): what is skipped must be the run asked for."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)["config"]
-    now = json.loads(json.dumps(vars(args)))  # as the file holds them: tuples become lists
-    differing = {k: (saved[k], v) for k, v in now.items()
-                 if k in saved and k not in ("out", "save", "resume", "device") and saved[k] != v}
-    if differing:
-        raise ValueError(f"{path} holds a run with other settings (saved, now): {differing}; "
-                         "move it away or give another --out")
-
-
-def run_experiment(args):
-    """Run the experiment's runs (with --shard I/N, every N-th from the I-th), skipping finished ones and
-    resuming half-finished ones from their checkpoints; then summarise every run whose results exist in
-    the folder (DIR/summary.json, DIR/summary.md), so that shards run anywhere add up to one summary."""
-    out_dir = args.out or os.path.join("out", args.family, args.preset)
-    if args.seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {args.seeds}")
-    shard, n_shards = parse_shard(args.shard)
-    runs = experiment_runs(args)
-    if args.list:
-        for name, *_ in runs[shard - 1::n_shards]:
-            print(name)
-        return []
-    check_writable(os.path.join(out_dir, "summary.json"), "out")
-    parser = build_parser()
-    run_args_by_name = {}
-    for name, family, fields, seed in runs:  # every run is checked before any trains or any folder is made
-        run_args_by_name[name] = run_args(parser, family, dict(fields, seed=seed, device=args.device))
-        prepare_run(run_args_by_name[name])
-        check_finished_run(os.path.join(out_dir, name + ".json"), run_args_by_name[name])
-    os.makedirs(out_dir, exist_ok=True)
-    for name, *_ in runs[shard - 1::n_shards]:
-        path = os.path.join(out_dir, name)
+        raise ValueError(f"shard must be I/N with 1 <= I <= N, such as 2/4, got {shard!r}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    runs = experiment_runs(experiment, preset, seeds)
+    mine = runs[int(match.group(1)) - 1::int(match.group(2))]
+    if list_runs:
+        return print("\n".join(name for name, *_ in mine)) or []
+    check_writable(os.path.join(out, "summary.json"), "out")
+    for name, family, overrides, seed in runs:  # every run is checked before any trains
+        identity = prepare(family, dict(overrides, seed=seed, device=device))[3]
+        check_finished(os.path.join(out, name + ".json"), identity)
+    for name, family, overrides, seed in mine:
+        path = os.path.join(out, name)
         if os.path.exists(path + ".json"):
             log(f"== {name}: done before, skipped")
             continue
-        run = run_args_by_name[name]
-        run.out, run.save = path + ".json", path + ".pt"
-        if os.path.exists(path + ".pt"):
-            try:
-                read_checkpoint(path + ".pt")
-                run.resume = path + ".pt"
-            except ValueError as error:
-                os.replace(path + ".pt", path + ".pt.unreadable")
-                log(f"note: {error}; set aside as {path}.pt.unreadable, and the run starts over")
+        resume = path + ".pt" if os.path.exists(path + ".pt") else None
+        try:
+            resume and arc.read_checkpoint(resume)
+        except ValueError as error:
+            os.replace(resume, resume + ".unreadable")
+            log(f"note: {error}; set aside as {resume}.unreadable, and the run starts over")
+            resume = None
         log(f"== {name}")
         try:
-            run_family(run)
-        except Interrupted as interruption:  # an experiment resumes its runs by itself
-            raise Interrupted(interruption.step, interruption.path, resume="the same command") from None
-    results, groups = [], {}
-    for name, family, fields, seed in runs:
-        if os.path.exists(os.path.join(out_dir, name + ".json")):
-            with open(os.path.join(out_dir, name + ".json")) as f:
-                results.append(json.load(f))
-            groups.setdefault((family, tuple(fields.items())), []).append(results[-1])
-    if not results:
-        return results
-    save_json(os.path.join(out_dir, "summary.json"), results)
-    lines = summary(args.family, args.preset, groups, parser)
-    lines += ["", plot_experiment(args.family, groups, os.path.join(out_dir, "summary.png"))]
-    def write_summary(tmp):
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    atomic_write(os.path.join(out_dir, "summary.md"), write_summary)
-    log("\n".join(lines))
-    return results
+            run_one(family, dict(overrides, seed=seed, device=device), path + ".json",
+                    path + ".pt", resume)
+        except Interrupted as stop:  # an experiment resumes its runs by itself
+            raise Interrupted(stop.step, stop.path, resume="the same command") from None
+    paths = [(family, overrides, os.path.join(out, name + ".json")) for name, family, overrides, _
+             in runs]
+    done = [(family, overrides, json.load(open(path))) for family, overrides, path in paths
+            if os.path.exists(path)]
+    if done:
+        save_json(os.path.join(out, "summary.json"), [result for *_, result in done])
+        lines = summary(experiment, preset, done) + ["", plot(experiment, done, out)]
+        arc.atomic_write(os.path.join(out, "summary.md"),
+                         lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+        log("\n".join(lines))
+    return [result for *_, result in done]
 
 
 def over_seeds(values, digits=3):
     """A figure over seeds: the value for one seed, the mean and range for several."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def summary(experiment, preset, groups, parser):
-    """The experiment's table, a row per configuration (groups: (family, its fields) -> the results of its
-    seeds), with the paper's finding above it."""
-    lines = [f"# {experiment}, preset {preset}", "", f"Paper: {PAPER_FINDINGS[experiment]}", "",
-             "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered / uncovered | minutes "
-             "| s/step | peak MB | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, group in groups.items():
-        first = group[0]
-        match = lambda name: [r[name]["exact_match_generated"] for r in group if name in r]
-        family = FAMILIES[key[0]].build(run_args(parser, key[0], dict(key[1])))
-        notes = []
+def by_configuration(done):
+    """(family, overrides) -> the results of its seeds, in the experiment's order."""
+    groups = {}
+    for family, overrides, result in done:
+        groups.setdefault((family, tuple(overrides.items())), []).append(result)
+    return groups
+
+
+def summary(experiment, preset, done):
+    """The experiment's table, a row per configuration, under the paper's finding."""
+    finding = EXPERIMENTS[experiment]["finding"]
+    lines = [f"# {experiment}, preset {preset}", "", f"Paper: {finding}", "",
+             "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered / "
+             "uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
+    for (family, overrides), group in by_configuration(done).items():
+        first, config, notes = group[0], group[0]["config"], []
+        match = lambda name: over_seeds([r[name]["exact_match_generated"] for r in group
+                                         if name in r])
         if experiment == "n-tasks":
-            p = coverage_probability(family, first["n_train_tasks"], first["n_test_tasks"])
-            notes.append(f"P(all step options covered) = {p:.2f}; D ln D = {family.n_options * np.log(family.n_options):.0f}")
+            universe = make_run(family, dict(overrides))[0].universe
+            covered = np.mean([not arc.split_tasks(universe, first["n_train_tasks"], seed)
+                               .uncovered for seed in range(200)])
+            notes.append(f"P(every step option covered) = {covered:.2f}")
         if "unseen_out_of_distribution" in first:
-            notes.append(f"ID {over_seeds(match('unseen_in_distribution'))}, OOD {over_seeds(match('unseen_out_of_distribution'))} "
+            notes.append(f"ID {match('unseen_in_distribution')}, OOD "
+                         f"{match('unseen_out_of_distribution')} "
                          f"({len(first['unseen_out_of_distribution']['per_task'])} tasks)")
-        uncovered = coverage(first["train_task_list"], family.universe)
-        if uncovered:
-            notes.append(f"uncovered (step, option) pairs (seed {first['config']['seed']}): "
-                         f"{uncovered if len(uncovered) <= 12 else len(uncovered)}")
-        if experiment == "scaling":
-            notes += [f"paper: {acc:.2f}%" for d, k, _, acc in PAPER_SCALING if (d, k) == (first["config"]["d"], first["config"]["k"])]
-        covered = (f"{over_seeds(match('unseen_covered'))} / {over_seeds(match('unseen_uncovered'))} "
-                   f"({len(first['unseen_uncovered']['per_task'])} of them)") if "unseen_uncovered" in first else "all covered"
-        minutes = over_seeds([r["wall_seconds"] / 60 for r in group], 1)
-        per_step = over_seeds([r["wall_seconds"] / r["steps"] for r in group], 3)
-        memory = over_seeds([r["peak_memory_mb"] for r in group if "peak_memory_mb" in r], 0)
-        lines.append(f"| {' '.join([key[0], *as_flags(dict(key[1]))])} | {len(group)} | {first['n_train_tasks']}/{first['n_total_tasks']} | "
-                     f"{over_seeds(match('unseen_tasks'))} | {over_seeds(match('train_tasks'))} | {covered} | "
-                     f"{minutes} | {per_step} | {memory} | "
-                     f"{'; '.join(notes)} |")
-    return lines + ["", "Peak MB is the process's peak so far: a run of a sweep counts the runs before it in the same process."]
+        pairs = [tuple(p) for p in first["uncovered_step_options"]]
+        notes += [f"uncovered (step, option) pairs, seed {config['seed']}: "
+                  f"{pairs if len(pairs) <= 12 else len(pairs)}"] if pairs else []
+        notes += [f"paper: {acc:.2f}%" for d, k, _, acc in PAPER_SCALING if experiment ==
+                  "scaling" and (d, k) == (config.get("d"), config.get("k"))]
+        covered = (f"{match('unseen_covered')} / {match('unseen_uncovered')} "
+                   f"({len(first['unseen_uncovered']['per_task'])} of them)"
+                   if "unseen_uncovered" in first else "all covered")
+        lines.append(" | ".join([
+            f"| {' '.join([family, *words(dict(overrides), '--')])}", str(len(group)),
+            f"{first['n_train_tasks']}/{first['n_total_tasks']}", match("unseen_tasks"),
+            match("train_tasks"), covered, over_seeds([r["ceiling"] for r in group]),
+            over_seeds([r["wall_seconds"] / 60 for r in group], 1),
+            over_seeds([r["wall_seconds"] / r["steps"] for r in group]), "; ".join(notes)]) + " |")
+    return lines
 
 
-def run_all(args):
-    """Every experiment that has the preset, one after another (finished runs are skipped), then
-    one report: each experiment's table under the paper's finding, and its plot."""
-    check_writable(os.path.join(args.out, f"report-{args.preset}.md"), "out")
-    sections = [f"# The paper's experiments, preset {args.preset}", ""]
-    seconds = 0.0
-    for experiment, presets in EXPERIMENTS.items():
-        if args.preset not in presets:
-            continue
-        folder = os.path.join(experiment, args.preset)
-        runs = run_experiment(argparse.Namespace(family=experiment, preset=args.preset, seeds=args.seeds, device=args.device,
-                                                 out=os.path.join(args.out, folder), list=False, shard=None))
-        seconds += sum(r["wall_seconds"] for r in runs)
-        with open(os.path.join(args.out, folder, "summary.md")) as f:
-            sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
-    sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
-    path = os.path.join(args.out, f"report-{args.preset}.md")
-    def write_report(tmp):
-        with open(tmp, "w") as f:
-            f.write("\n".join(sections) + "\n")
-    atomic_write(path, write_report)
-    log(f"\nreport written to {path}")
-
-
-def plot_experiment(experiment, groups, path):
-    """Draw the experiment's figure into path, if matplotlib is installed. Returns a line for the summary."""
+def plot(experiment, done, out):
+    """Each run's unseen-task exact match over training into out/summary.png, where matplotlib
+    is installed; a line for the summary either way."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no screen
         import matplotlib.pyplot as plt
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
-    unseen = lambda r, group="unseen_tasks": r[group]["exact_match_generated"]
-    # a run's label: what sets it apart from the others, or its family's preset
-    labels = {key: " ".join(as_flags(own, dashes="")) or f"the {key[0]} preset"
-              for key, own in zip(groups, own_fields([(family, dict(fields)) for family, fields in groups]))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if experiment == "n-tasks":  # accuracy against training tasks, one line per d, with its D ln D mark
-        by_d = {}
-        for group in groups.values():
-            by_d.setdefault(group[0]["config"]["d"], []).append(
-                (group[0]["n_train_tasks"], np.mean([unseen(r) for r in group]), np.std([unseen(r) for r in group])))
-        for d, points in sorted(by_d.items()):
-            n, mean, std = zip(*sorted(points))
-            line, *_ = ax.errorbar(n, mean, std, marker="o", capsize=3, label=f"d = {d}")
-            ax.axvline(d * np.log(d), color=line.get_color(), linestyle="--", label=f"D ln D = {d * np.log(d):.0f}")
-        ax.set_xlabel("training tasks")
-    elif experiment == "scaling":  # unseen-task accuracy against d, beside the paper's table
-        rows = sorted((g[0]["config"]["d"], np.mean([unseen(r) for r in g]),
-                       np.mean([unseen(r, "unseen_covered") for r in g if "unseen_covered" in r] or [np.nan]))
-                      for g in groups.values())
-        d, overall, covered = zip(*rows)
-        ax.plot(d, overall, "o-", label="ours: unseen tasks")
-        ax.plot(d, covered, "s--", label="ours: unseen tasks whose every (step, option) pair was trained")
-        ax.plot([row[0] for row in PAPER_SCALING], [row[3] / 100 for row in PAPER_SCALING], "k^", label="paper")
-        ax.set_xlabel("d (k and the training tasks grow with it, as in the paper's table)")
-    elif experiment in ("icl-vs-cot", "context-length"):  # unseen-task accuracy over training, one curve per run
-        for key, group in groups.items():
-            history = group[0]["history"]
-            ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history], marker=".",
-                    label=("answer only: " if group[0]["config"]["no_cot"] else "CoT: ") + labels[key])
-        ax.set_xlabel("training step")
-    else:  # bars: unseen tasks, and the in/out-of-distribution groups where an exclusion made them
-        names = {"unseen_tasks": "all unseen", "unseen_in_distribution": "ID", "unseen_out_of_distribution": "OOD"}
-        centres = []
-        for i, (key, group) in enumerate(groups.items()):
-            present = [n for n in names if n in group[0]]
-            ax.bar([i + 0.25 * j for j in range(len(present))], [np.mean([unseen(r, n) for r in group]) for n in present],
-                   width=0.25, color=["C0", "C2", "C3"][:len(present)])
-            for j, n in enumerate(present):
-                ax.text(i + 0.25 * j, 0.02, names[n], rotation=90, ha="center", va="bottom")
-            centres.append(i + 0.125 * (len(present) - 1))
-        ax.set_xticks(centres, [labels[key] for key in groups], fontsize=7)
-    ax.set_ylabel("generated exact match, unseen tasks")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(experiment)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    for (family, overrides), group in by_configuration(done).items():
+        history = group[0]["history"]
+        ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history],
+                marker=".", label=" ".join([family, *words(dict(overrides))]))
+    ax.set(xlabel="training step", ylabel="generated exact match, unseen tasks (seed 0)",
+           ylim=(0, 1.02), title=f"{experiment}: {EXPERIMENTS[experiment]['finding']}"[:90])
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    arc.atomic_write(os.path.join(out, "summary.png"),
+                     lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    return f"![{experiment}]({os.path.basename(path)})"
+    return f"![{experiment}](summary.png)"
+
+
+def run_all(preset, seeds=1, device="auto", out="out"):
+    """Every experiment that has the preset, one after another (finished runs are skipped),
+    then one report: each experiment's table under the paper's finding, and its plot."""
+    check_writable(os.path.join(out, f"report-{preset}.md"), "out")
+    sections, seconds = [f"# The paper's experiments, preset {preset}", ""], 0.0
+    for experiment in (e for e, presets in EXPERIMENTS.items() if preset in presets):
+        folder = os.path.join(experiment, preset)
+        results = run_experiment(experiment, preset, seeds, device, os.path.join(out, folder))
+        seconds += sum(r["wall_seconds"] for r in results)
+        with open(os.path.join(out, folder, "summary.md")) as f:
+            sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
+    sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
+    arc.atomic_write(os.path.join(out, f"report-{preset}.md"),
+                     lambda tmp: open(tmp, "w").write("\n".join(sections) + "\n"))
+    log(f"\nreport written to {os.path.join(out, f'report-{preset}.md')}")
+
+
+# ----------------------------------------------------------------------------- benchmark, GPU check
+
+def timed(fn, device, repeats):
+    """Seconds per call of fn, after a warm-up call, waiting for the device at the ends only."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    fn(), sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
+    """Training (in each precision), cached decoding and data generation, timed."""
+    device, generator = torch.device(cfg.device), torch.Generator(cfg.device).manual_seed(0)
+    model = arc.build_model(family, cfg).to(device)
+    optimizer, positions = arc.make_optimizer(model, cfg), arc.answer_positions(family, cfg, device)
+    ranks = [r % family.universe.size for r in range(cfg.batch_size)]
+    tasks = torch.as_tensor(family.universe.tuples(ranks), device=device)
+    batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
+    step = {p: timed(lambda: arc.train_step(model, optimizer, batch.tokens, positions,
+                                            cfg.grad_clip, p), device, repeats) for p in precisions}
+    prefix, n = batch.tokens[:, :-batch.answer_len], batch.answer_len
+    model.eval()
+    cached = timed(lambda: model.generate(prefix, n), device, repeats)
+    recomputed = timed(lambda: model.generate(prefix, n, use_cache=False), device, repeats)
+    tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
+    data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator), device,
+                 repeats)
+    return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
+                n_parameters=model.num_params(), train_step_seconds=step,
+                generate_tokens_per_second=prefix.size(0) * n / cached,
+                generate_speedup_vs_recompute=recomputed / cached,
+                generate_cached_equals_recompute=torch.equal(
+                    model.generate(prefix, n), model.generate(prefix, n, use_cache=False)),
+                data_samples_per_second=1024 / data)
+
+
+def run_bench(device="auto", out=None):
+    """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
+    results = dict(device=resolve_device(device), torch=torch.__version__,
+                   threads=torch.get_num_threads())
+    for name, overrides in (("paper", dict(PAPER, d=15, k=3)), ("cpu_default", {})):
+        family, cfg, _ = make_run("parity", dict(overrides, device=device))
+        if cfg.device.startswith("cuda"):
+            torch.set_float32_matmul_precision("high")  # as training has it
+        r = results[name] = benchmark(family, cfg)
+        log(f"{name}: {r['tokens_per_sample']} tokens x batch {r['batch_size']}, "
+            f"{r['n_parameters'] / 1e6:.2f}M parameters; ms per training step: "
+            + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["train_step_seconds"].items())
+            + f"; decoding {r['generate_tokens_per_second']:,.0f} tokens/s, "
+            f"{r['generate_speedup_vs_recompute']:.1f}x recomputation (the same tokens: "
+            f"{r['generate_cached_equals_recompute']}); data {r['data_samples_per_second']:,.0f} "
+            "samples/s")
+    if out:
+        save_json(out, results)
+    return results
+
+
+def gpu_check(out="out/gpu-check"):
+    """Check and time this machine's GPU in at most 5 minutes: the CUDA tests, the CPU default,
+    the benchmark, the (10, 5) scaling row and 2,000 steps of the paper preset, each stage with
+    a time limit of its own, out/gpu-check.json rewritten after each (a cut-off check reports)."""
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU here: gpu-check checks and times one")
+    run = lambda overrides: [sys.executable, "run.py", "parity", *words(overrides, "--"),
+                             "--out", os.path.join(out, "run.json")]
+    stages = [("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda"], 75),
+              ("python run.py", run({}), 75),
+              ("benchmark", [sys.executable, "run.py", "bench", "--out", f"{out}/run.json"], 45),
+              ("scaling row (10, 5)", run(EXPERIMENTS["scaling"]["cpu"][0][1]), 60),
+              ("paper preset", run(dict(PAPER, d=15, k=3, steps=2000, eval_every=1000)), 45)]
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, stages={})
+    for stage, command, limit in stages:
+        start, path = time.time(), os.path.join(out, "run.json")
+        os.path.exists(path) and os.remove(path)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+            outcome = dict(exit=done.returncode, output=(done.stdout + done.stderr)[-1500:])
+        except subprocess.TimeoutExpired as cut:
+            outcome = dict(exit=f"cut off after {limit} s", output=str(cut.stdout)[-1500:])
+        outcome["seconds"] = round(time.time() - start, 1)
+        if os.path.exists(path):
+            outcome["result"] = {k: v for k, v in json.load(open(path)).items()
+                                 if k in ("unseen_tasks", "paper")
+                                 or not isinstance(v, (list, dict))}
+        report["stages"][stage] = outcome
+        save_json(os.path.join(out, "gpu-check.json"), report)
+        log(f"{stage}: exit {outcome['exit']} in {outcome['seconds']} s")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+FLAG_GROUPS = {"n_train_tasks": "the split", "context_length": "the data", "n_layers": "the model",
+               "lr": "the optimization", "eval_every": "the evaluation", "device": "the machine"}
+
+
+def add_run_flags(parser, name):
+    """The family's flags (its constructor's keywords), then one per Config field, its help the
+    field's doc, each group under a heading; the defaults are the family's preset."""
+    group = parser.add_argument_group(f"the {name} family")
+    for flag, default in family_flags(name).items():
+        many = isinstance(default, tuple)
+        group.add_argument("--" + flag.replace("_", "-"), default=default, nargs="+" if many
+                           else None, type=str if many else type(default),
+                           help=FAMILIES[name].FLAGS[flag])
+    for field in fields(Config):
+        group = parser.add_argument_group(FLAG_GROUPS.get(field.name)) \
+            if field.name in FLAG_GROUPS else group
+        extra = {k: v for k, v in field.metadata.items() if k != "doc"}
+        if field.type is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        else:
+            extra.update(dict(type=int, nargs=2) if field.type is tuple else dict(type=field.type))
+        group.add_argument("--" + field.name.replace("_", "-"), help=field.metadata["doc"],
+                           default=PRESETS[name].get(field.name, field.default), **extra)
+    group = parser.add_argument_group("the outputs")
+    group.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
+    group.add_argument("--save", help="checkpoint file, written every two minutes and at the end")
+    group.add_argument("--resume", help="continue from this checkpoint, of the same settings")
 
 
 def build_parser():
-    # allow_abbrev=False: an abbreviation such as --d must never silently mean another flag (--device)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    commands = parser.add_subparsers(dest="family", metavar="experiment")
-    for name, family in FAMILIES.items():
-        sub = commands.add_parser(name, help=f"train and evaluate on the {name} family", allow_abbrev=False,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        family.add_args(sub)
-        add_common_args(sub)
-        sub.set_defaults(**family.preset)
-    presets = {"cpu": "the CPU recipe at sizes a 2-core CPU runs in minutes", "long": "all five rows of the "
-               "scaling table on the CPU recipe (hours)", "paper": "the authors' sizes and hyperparameters (GPU)"}
+    # allow_abbrev=False: an abbreviation such as --d must never silently mean another flag
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    add = lambda name, help, **more: commands.add_parser(name, help=help, allow_abbrev=False,
+                                                         **more)
+    for name in FAMILIES:
+        add_run_flags(add(name, f"train and evaluate on the {name} family",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter), name)
+    presets = dict(cpu="the CPU recipe at sizes a 2-core CPU runs in minutes to hours",
+                   long="all five rows of the scaling table on the CPU recipe",
+                   paper="the authors' sizes and hyperparameters (a GPU)")
     for name in [*EXPERIMENTS, "all"]:
-        if name == "all":
-            sub = commands.add_parser(name, help="every experiment that has the preset, then one report", allow_abbrev=False)
-            choices = list(presets)
-        else:
-            sub = commands.add_parser(name, help=f"the paper's {name} experiment: every run of a preset, then a summary",
-                                      allow_abbrev=False)
-            choices = list(EXPERIMENTS[name])
+        choices = list(presets) if name == "all" else [p for p in EXPERIMENTS[name] if p in presets]
+        sub = add(name, "every experiment that has the preset, then one report" if name == "all"
+                  else f"the paper's {name} experiment: every run of a preset, then a summary")
         sub.add_argument("--preset", choices=choices, default="cpu",
-                         help="; ".join(f"{preset}: {presets[preset]}" for preset in choices))
-        sub.add_argument("--seeds", type=int, default=1, help="repeat every configuration with seeds 0..N-1")
+                         help="; ".join(f"{p}: {presets[p]}" for p in choices))
+        sub.add_argument("--seeds", type=int, default=1, help="every run with seeds 0..N-1")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
+        sub.add_argument("--out", default="out" if name == "all" else None, help="folder of the "
+                         "runs' JSON, checkpoints and summary (default: out/EXPERIMENT/PRESET)")
         if name != "all":
-            sub.add_argument("--list", action="store_true", help="print the name of every run, one a line, and stop")
-            sub.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th run from the I-th; "
-                             "the shards partition the runs); the summary covers every run of the preset (and --seeds) "
-                             "finished in the folder")
-        sub.add_argument("--out", default="out" if name == "all" else None,
-                         help="folder of every experiment's runs and the report" if name == "all" else
-                         "folder for one JSON per run, checkpoints and the summary (default: out/EXPERIMENT/PRESET)")
-    bench = commands.add_parser("bench", help="measure training, decoding and data-generation speed", allow_abbrev=False)
-    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
-    bench.add_argument("--out", help="also write the numbers to this JSON file")
+            sub.add_argument("--list", action="store_true", help="print each run's name, and stop")
+            sub.add_argument("--shard", metavar="I/N", help="run only every N-th run from the "
+                             "I-th; the summary covers every finished run in the folder")
+    add("bench", "time training, decoding and data generation").add_argument("--device",
+                                                                             default="auto")
+    commands.choices["bench"].add_argument("--out", help="also write the figures to this JSON")
+    add("gpu-check", "check and time a GPU in at most 5 minutes, into one JSON").add_argument(
+        "--out", default="out/gpu-check", help="folder of gpu-check.json and its runs")
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["parity"] + argv  # `python run.py` is `python run.py parity`
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.family == "bench":
-            run_bench(args)
-        elif args.family in EXPERIMENTS:
-            run_experiment(args)
-        elif args.family == "all":
-            run_all(args)
+        if args.command in FAMILIES:
+            run_one(args.command, {k: v for k, v in vars(args).items() if k in FIELDS or k in
+                                   family_flags(args.command)}, args.out, args.save, args.resume)
+        elif args.command in EXPERIMENTS:
+            run_experiment(args.command, args.preset, args.seeds, args.device, args.out,
+                           args.shard, args.list)
+        elif args.command == "all":
+            run_all(args.preset, args.seeds, args.device, args.out)
         else:
-            run_family(args)
+            run_bench(args.device, args.out) if args.command == "bench" else gpu_check(args.out)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"error: {error}\n")
-    except Interrupted as interruption:
-        parser.exit(130, f"{interruption}\n")
+    except Interrupted as stop:
+        parser.exit(130, f"{stop}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")
 

@@ -2,9 +2,9 @@
 
 A family has D options per step and T steps; a task is a tuple theta = (theta_1..theta_T),
 each theta_t an option index in 0..D-1. A family says which tuples are its tasks (its
-universe, indexed by rank and never listed), how an input x is drawn, and how each answer step y_t follows from (x, y_<t, theta_t). Everything
-else (the sequence of N examples, chain of thought or answer only, the loss mask) is
-`make_batch`, written once for every family.
+universe, indexed by rank and never listed), how an input x is drawn, and how each answer step
+y_t follows from (x, y_<t, theta_t). Everything else (the sequence of N examples, chain of
+thought or answer only, the loss mask) is `make_batch`, written once for every family.
 
 Samplers are vectorized: a whole batch of tasks becomes a batch of sequences in a few
 tensor operations, generated directly on the training device.
@@ -64,14 +64,14 @@ class SortedTuples(TaskUniverse):
         return math.comb(below, c) * math.comb(len(free) - below - 1, self.k - 1 - c)
 
     def options(self, t):
-        return range(t, self.n - self.k + t + 1)  # t smaller options before it, k - 1 - t larger after
+        return range(t, self.n - self.k + t + 1)  # t smaller options before, k - 1 - t larger after
 
     def rank(self, task):
         return sum(math.comb(option, i + 1) for i, option in enumerate(task))
 
     def unrank(self, r):
         task = []
-        for i in reversed(range(self.k)):  # the largest option first: the largest c with C(c, i + 1) <= r
+        for i in reversed(range(self.k)):  # largest option first: largest c with C(c, i + 1) <= r
             low, high = i, self.n - 1
             while low < high:
                 mid = (low + high + 1) // 2
@@ -138,8 +138,10 @@ class ARCFamily:
     `input_len` (tokens of one input x), `n_answer_steps` and `tokens_per_step` (the answer
     with chain of thought is n_answer_steps x tokens_per_step tokens; without it, the last
     step's tokens only), and call `super().__init__(tokens)` with their vocabulary. They
-    implement `sample`.
+    implement `sample`. Their constructor's keyword arguments are the family's command-line
+    flags, with their defaults; FLAGS gives each one's meaning.
     """
+    FLAGS = {}
 
     def __init__(self, tokens):
         self.tokens = list(tokens) + [SEPARATOR]  # the separator is a token of its own
@@ -182,7 +184,7 @@ class ARCFamily:
 @dataclass
 class Batch:
     tokens: torch.Tensor  # (B, N * example_len) token ids
-    answer_mask: torch.Tensor  # (N * example_len,) bool, True on answer tokens, the same for every sample
+    answer_mask: torch.Tensor  # (N * example_len,) bool, True on answer tokens, one for all samples
     answer_len: int  # the query's answer is tokens[:, -answer_len:]
     tokens_per_step: int  # answer token j belongs to step j // tokens_per_step
 
@@ -212,18 +214,24 @@ def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
 class SparseParity(ARCFamily):
     """x uniform in {0,1}^d; theta = k distinct coordinates; y_t = x_theta1 xor ... xor x_thetat.
 
-    Sorted tuples by default (C(d,k) tasks); ordered tuples (d!/(d-k)! tasks) when
-    unsorted, the chain of thought then following the tuple's order.
+    Sorted tuples (C(d,k) tasks, the paper's) or ordered ones (d!/(d-k)! tasks), the chain of
+    thought then following the tuple's order.
     """
+    FLAGS = dict(d="input length: x is uniform in {0,1}^d; D = d options per step",
+                 k="secret coordinates per task: the answer is the parity of k bits; T = k steps",
+                 tuples="sorted: the paper's tasks, C(d,k) of them; ordered: d!/(d-k)!, the chain "
+                        "of thought following the tuple's order")
 
-    def __init__(self, d, k, unsorted=False):
+    def __init__(self, d=7, k=3, tuples="ordered"):
         if d < 1:
             raise ValueError(f"d must be at least 1, got {d}")
         if not 1 <= k <= d:
             raise ValueError(f"k must be between 1 and d={d}, got {k}")
+        if tuples not in ("sorted", "ordered"):
+            raise ValueError(f"tuples must be sorted or ordered, got {tuples!r}")
         self.name = "parity"
         self.d, self.k = d, k
-        self.universe = OrderedTuples(d, k) if unsorted else SortedTuples(d, k)
+        self.universe = OrderedTuples(d, k) if tuples == "ordered" else SortedTuples(d, k)
         self.input_len, self.n_answer_steps, self.tokens_per_step = d, k, 1
         super().__init__(["0", "1"])  # token id == bit value
 
@@ -249,10 +257,16 @@ class Arithmetic(ARCFamily):
     """x = (x_0..x_T) uniform in Z_p^(T+1); theta_t is one of D binary operations;
     y_0 = x_0 and y_t = op_theta_t(y_{t-1}, x_t) mod p. Tokens are the residues 0..p-1."""
 
-    def __init__(self, ops=("add", "sub", "mul"), n_steps=6, modulus=10):
+    FLAGS = dict(ops=f"the D operations a step chooses from, of: {' '.join(ARITHMETIC_OPS)}",
+                 steps_per_task="T: operations applied one after another",
+                 modulus="p: inputs and answers are residues mod p")
+
+    def __init__(self, ops=("add", "sub", "mul"), steps_per_task=6, modulus=10):
+        n_steps = steps_per_task
         unknown = [op for op in ops if op not in ARITHMETIC_OPS]
         if unknown or not ops:
-            raise ValueError(f"unknown operation(s) {unknown or ops}: choose from {' '.join(ARITHMETIC_OPS)}")
+            raise ValueError(f"unknown operation(s) {unknown or ops}: "
+                             f"choose from {' '.join(ARITHMETIC_OPS)}")
         if len(set(ops)) != len(ops):
             raise ValueError(f"operations repeat: {' '.join(ops)}")
         if n_steps < 1:
@@ -267,15 +281,16 @@ class Arithmetic(ARCFamily):
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, p = tasks.size(0), self.modulus
-        x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator, device=tasks.device)
+        x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator,
+                          device=tasks.device)
         if difficulty < 1:
-            # Easier inputs: operands x_1..x_T from 1..k only, k growing with difficulty from 1 to p - 1.
-            # Small operands make add and sub move y in opposite directions, so a step's operation shows
-            # in the pair (y_(t-1), y_t) alone; uniform operands leave only the three-way check
-            # y_t = y_(t-1) +- x_t, which training does not find from scratch (docs/recipe.md, arithmetic).
+            # Easier inputs: operands x_1..x_T in 1..k, k growing with difficulty from 1 to p - 1.
+            # Small operands make add and sub move y in opposite directions, so a step's operation
+            # shows in the pair (y_(t-1), y_t) alone; uniform ones leave only the three-way check
+            # y_t = y_(t-1) +- x_t, not found by training from scratch (docs/recipe.md, arithmetic).
             largest = 1 + int(difficulty * (p - 1))
-            x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps), generator=generator,
-                                        device=tasks.device)
+            x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps),
+                                        generator=generator, device=tasks.device)
         y, steps = x[:, :, 0], []
         for t in range(self.n_steps):  # steps are sequential by definition; each is one batched op
             every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
@@ -287,20 +302,29 @@ class Arithmetic(ARCFamily):
 # The ten languages and twenty meanings of the authors' multi-step translation task, each
 # meaning with its real word in every language. Some surface words coincide across
 # languages (Spanish and Portuguese "gato", Chinese and Japanese "猫"): one token each.
-LANGUAGES = ["English", "French", "Spanish", "Chinese", "German", "Italian", "Japanese", "Russian", "Portuguese", "Arabic"]
-MEANINGS = ["cat", "dog", "house", "apple", "sky", "car", "road", "tree", "bed", "water",
-            "sun", "moon", "star", "book", "phone", "computer", "flower", "chair", "table", "mountain"]
+LANGUAGES = ["English", "French", "Spanish", "Chinese", "German", "Italian", "Japanese", "Russian",
+             "Portuguese", "Arabic"]
+MEANINGS = ["cat", "dog", "house", "apple", "sky", "car", "road", "tree", "bed", "water", "sun",
+            "moon", "star", "book", "phone", "computer", "flower", "chair", "table", "mountain"]
 WORDS = {
-    "English": "cat dog house apple sky car road tree bed water sun moon star book phone computer flower chair table mountain",
-    "French": "chat chien maison pomme ciel voiture route arbre lit eau soleil lune étoile livre téléphone ordinateur fleur chaise table montagne",
-    "Spanish": "gato perro casa manzana cielo coche carretera árbol cama agua sol luna estrella libro teléfono ordenador flor silla mesa montaña",
+    "English": "cat dog house apple sky car road tree bed water "
+               "sun moon star book phone computer flower chair table mountain",
+    "French": "chat chien maison pomme ciel voiture route arbre lit eau "
+              "soleil lune étoile livre téléphone ordinateur fleur chaise table montagne",
+    "Spanish": "gato perro casa manzana cielo coche carretera árbol cama agua "
+               "sol luna estrella libro teléfono ordenador flor silla mesa montaña",
     "Chinese": "猫 狗 房子 苹果 天空 汽车 路 树 床 水 太阳 月亮 星星 书 电话 电脑 花 椅子 桌子 山",
-    "German": "Katze Hund Haus Apfel Himmel Auto Straße Baum Bett Wasser Sonne Mond Stern Buch Telefon Computer Blume Stuhl Tisch Berg",
-    "Italian": "gatto cane casa mela cielo macchina strada albero letto acqua sole luna stella libro telefono computer fiore sedia tavolo montagna",
+    "German": "Katze Hund Haus Apfel Himmel Auto Straße Baum Bett Wasser "
+              "Sonne Mond Stern Buch Telefon Computer Blume Stuhl Tisch Berg",
+    "Italian": "gatto cane casa mela cielo macchina strada albero letto acqua "
+               "sole luna stella libro telefono computer fiore sedia tavolo montagna",
     "Japanese": "猫 犬 家 りんご 空 車 道 木 ベッド 水 太陽 月 星 本 電話 コンピュータ 花 椅子 テーブル 山",
-    "Russian": "кошка собака дом яблоко небо машина дорога дерево кровать вода солнце луна звезда книга телефон компьютер цветок стул стол гора",
-    "Portuguese": "gato cão casa maçã céu carro estrada árvore cama água sol lua estrela livro telefone computador flor cadeira mesa montanha",
-    "Arabic": "قطة كلب بيت تفاحة سماء سيارة طريق شجرة سرير ماء شمس قمر نجمة كتاب هاتف حاسوب زهرة كرسي طاولة جبل",
+    "Russian": "кошка собака дом яблоко небо машина дорога дерево кровать вода "
+               "солнце луна звезда книга телефон компьютер цветок стул стол гора",
+    "Portuguese": "gato cão casa maçã céu carro estrada árvore cama água "
+                  "sol lua estrela livro telefone computador flor cadeira mesa montanha",
+    "Arabic": "قطة كلب بيت تفاحة سماء سيارة طريق شجرة سرير ماء "
+              "شمس قمر نجمة كتاب هاتف حاسوب زهرة كرسي طاولة جبل",
 }
 
 
@@ -309,21 +333,29 @@ class Translation(ARCFamily):
     meaning written as (language tag, word) in each of them. The input is step 1; the
     answer is steps 2..T: y_t = (tag of theta_t, the meaning's word in theta_t)."""
 
-    def __init__(self, n_languages=6, n_steps=6):
+    FLAGS = dict(languages=f"D: a step translates into one of the first D of "
+                           f"{', '.join(LANGUAGES)}",
+                 steps_per_task="T: languages per task (repeats allowed); the query shows step 1")
+
+    def __init__(self, languages=6, steps_per_task=6):
+        n_languages, n_steps = languages, steps_per_task
         if not 1 <= n_languages <= len(LANGUAGES):
             raise ValueError(f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}")
         if n_steps < 2:
-            raise ValueError(f"steps-per-task must be at least 2 (the query shows step 1), got {n_steps}")
+            raise ValueError(f"steps-per-task must be at least 2 (the query shows step 1), "
+                             f"got {n_steps}")
         self.name = "translation"
         self.languages = LANGUAGES[:n_languages]
         self.universe = AllTuples(n_languages, n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
         tags = [f"<{language}>" for language in self.languages]
-        words = list(dict.fromkeys(w for language in self.languages for w in WORDS[language].split()))
+        words = list(dict.fromkeys(w for language in self.languages
+                                   for w in WORDS[language].split()))
         super().__init__(tags + words)
         ids = {token: i for i, token in enumerate(self.tokens)}
         # (D, n_meanings) token id of each meaning's word in each language; (D,) tag ids
-        self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()] for language in self.languages])
+        self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()]
+                                      for language in self.languages])
         self.tag_ids = torch.arange(n_languages)
         self.ids_on = {}  # device -> (word_ids, tag_ids) there
 
@@ -332,7 +364,8 @@ class Translation(ARCFamily):
         if device not in self.ids_on:  # copied to a device once, not at every batch
             self.ids_on[device] = self.word_ids.to(device), self.tag_ids.to(device)
         word_ids, tag_ids = self.ids_on[device]
-        meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator, device=device)
+        meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator,
+                                device=device)
         language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
         steps = torch.stack([tag_ids[language], word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
         return steps[:, :, 0], steps[:, :, 1:]
