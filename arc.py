@@ -37,15 +37,15 @@ class Config:
     # the split
     n_train_tasks: str = setting("3dlogd", "training tasks: an integer or a multiple of D ln D "
                                  "such as 3dlogd (the paper: about D ln D suffice with CoT)")
-    n_test_tasks: int = setting(200, "unseen test tasks, drawn first (fewer if the universe is small)")
+    n_test_tasks: int = setting(200, "unseen test tasks, drawn first (fewer in a small universe)")
     missing_coordinate: tuple = setting(None, "no training task has theta_C = V (C a 1-based step, "
                                         "V an option): paper Section 5.1", metavar=("C", "V"))
     missing_pair: tuple = setting(None, "no training task uses both options A and B: paper Section "
                                   "5.1", metavar=("A", "B"))
     seed: int = setting(0, "seed of the split, the data and the model")
     # the data
-    context_length: int = setting(20, "N: examples per sample, all of one task; the last is the query")
-    cot: bool = setting(True, "chain of thought: every step y_1..y_T; --no-cot: the answer y_T only")
+    context_length: int = setting(20, "N: examples a sample, of one task; the last is the query")
+    cot: bool = setting(True, "chain of thought: every step y_1..y_T; --no-cot: y_T only")
     n_train_total: int = setting(None, "a fixed dataset of this many samples, each once an epoch "
                                  "(the paper's setup); default: fresh samples every step")
     input_curriculum: float = setting(0.0, "this fraction of the steps raises the inputs from the "
@@ -66,12 +66,12 @@ class Config:
     warmup_steps: int = setting(100, "linear warmup from 0 to lr")
     steps: int = setting(None, "optimizer steps, decayed over; default: by rule (fit-accuracy)")
     fit_accuracy: float = setting(0.95, "by rule: lr holds until the training tasks reach this")
-    decay_fraction: float = setting(0.5, "by rule: then decays over this fraction of the steps so far")
-    max_steps: int = setting(60000, "by rule: the most steps; the decay starts in time to end by them")
+    decay_fraction: float = setting(0.5, "by rule: then decays over this share of the steps so far")
+    max_steps: int = setting(60000, "by rule: the most steps; the decay starts in time for them")
     schedule_steps: int = setting(None, "the cosine's length if longer than --steps (paper)")
     batch_size: int = setting(8, "samples per step (paper: 64)")
     adam_beta2: float = setting(0.95, "AdamW's beta2 (paper: 0.999)")
-    weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings (paper: 0.01)")
+    weight_decay: float = setting(0.1, "AdamW's, on matrices and embeddings (paper: 0.01)")
     decay_all: bool = setting(False, "weight decay on biases and LayerNorm gains too (paper)")
     grad_clip: float = setting(1.0, "gradient norm clipping; 0: none (paper)")
     # the evaluation
@@ -87,12 +87,14 @@ class Config:
 
 
 AT_LEAST_ONE = ("context_length", "n_layers", "n_heads", "width", "batch_size", "eval_every",
-                "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps", "n_train_total")
+                "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps",
+                "n_train_total")  # where set
 CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("width % n_heads == 0", "width {width} is not divisible by n-heads {n_heads}"),
     ("0 < lr < inf", "lr must be positive and finite, got {lr}"),
     ("0 <= min_lr <= lr", "min-lr must be in [0, lr], got {min_lr}"),
-    ("0 <= weight_decay < inf", "weight-decay must not be negative, and finite, got {weight_decay}"),
+    ("0 <= weight_decay < inf",
+     "weight-decay must not be negative, and finite, got {weight_decay}"),
     ("0 < embedding_std < inf", "embedding-std must be positive and finite, got {embedding_std}"),
     ("warmup_steps >= 0", "warmup-steps must not be negative, got {warmup_steps}"),
     ("0 <= seed < 2**63", "seed must be in 0..2**63-1, got {seed}"),
@@ -102,7 +104,8 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("0 <= adam_beta2 < 1", "adam-beta2 must be in [0, 1), got {adam_beta2}"),
     ("0 <= grad_clip < inf", "grad-clip must be 0 (none) or positive, got {grad_clip}"),
     ("0 < fit_accuracy <= 1", "fit-accuracy must be in (0, 1], got {fit_accuracy}"),
-    ("0 < decay_fraction < inf", "decay-fraction must be positive and finite, got {decay_fraction}"),
+    ("0 < decay_fraction < inf",
+     "decay-fraction must be positive and finite, got {decay_fraction}"),
     ("steps or not (input_curriculum or schedule_steps)",
      "input-curriculum and schedule-steps are fractions of a fixed length: give --steps"),
     ("target_accuracy is None or 0 <= target_accuracy <= 1",
@@ -152,14 +155,15 @@ class Exclusion:
 
     def check(self, n_options, n_steps):
         (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
+        D = n_options
         for holds, error in [
-                (1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, got {c}"),
-                (0 <= v < n_options, f"missing-coordinate value must be in 0..{n_options - 1}, got {v}"),
+            (1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, got {c}"),
+                (0 <= v < D, f"missing-coordinate value must be in 0..{D - 1}, got {v}"),
                 (a != b, f"missing-pair needs two different values, got {a} {b}"),
-                (0 <= min(a, b) and max(a, b) < n_options,
-                 f"missing-pair values must be in 0..{n_options - 1}, got {a} {b}"),
+                (0 <= min(a, b) and max(a, b) < D,
+                 f"missing-pair values must be in 0..{D - 1}, got {a} {b}"),
                 (n_steps >= 2 or not self.missing_pair,
-                 "missing-pair needs tasks of at least 2 steps: with 1, no task contains two values")]:
+                 "missing-pair needs tasks of at least 2 steps: no 1-step task uses two values")]:
             if not holds:
                 raise ValueError(error)
 
@@ -178,10 +182,12 @@ class Exclusion:
         return removed
 
     def n_excluded(self, universe):
-        """How many tasks of the universe it removes, counted (not listed) by inclusion-exclusion."""
-        fixed = self.missing_coordinate and (self.missing_coordinate[0] - 1, self.missing_coordinate[1])
+        """How many tasks of the universe it removes, counted (never listed) by inclusion and
+        exclusion."""
+        c, v = self.missing_coordinate or (None, None)
+        fixed = None if c is None else (c - 1, v)
 
-        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) using both options of the pair
+        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) that use both a and b
             a, b = self.missing_pair
             return sum(sign * universe.count(fixed, avoid)
                        for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
@@ -316,9 +322,9 @@ def answer_positions(family, cfg, device):
 
 
 def difficulty_at(step, cfg):
-    """The inputs' difficulty (ARCFamily.sample) at step: 1, but during an input curriculum,
-    which holds the easiest inputs for its first 30% (long enough for the step rules to be read off
-    them), then ramps linearly to the true ones, so that the reading sharpens rather than appears."""
+    """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum, which
+    holds the easiest inputs for its first 30% (for the step rules to be read off them), then
+    ramps linearly to the true ones, so that the reading sharpens rather than appears."""
     length = cfg.input_curriculum * (cfg.steps or 0)
     if step >= length:
         return 1.0
@@ -350,7 +356,7 @@ def get_batch(step, family, train_tasks, dataset, cfg, generator):
     return dataset[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
 
 
-# ----------------------------------------------------------------------------- model, optimizer, schedule
+# ----------------------------------------------------------------------------- model and optimizer
 
 def build_model(family, cfg):
     """The GPT for this family's sequences: cfg's model settings, and the family's example shape."""
@@ -368,8 +374,8 @@ def make_optimizer(model, cfg, fused=None):
     kernel for all parameters, on CUDA by default."""
     fused = next(model.parameters()).device.type == "cuda" if fused is None else fused
     decayed = lambda p: cfg.decay_all or p.dim() >= 2
-    groups = [dict(params=[p for p in model.parameters() if decayed(p)], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in model.parameters() if not decayed(p)], weight_decay=0.0)]
+    groups = [dict(params=[p for p in model.parameters() if decayed(p) == on],
+                   weight_decay=cfg.weight_decay if on else 0.0) for on in (True, False)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=fused)
 
 
@@ -380,7 +386,8 @@ def decay_length(decay_start, cfg):
 
 def latest_decay_start(cfg):
     """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
-    return max(1, math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)) * cfg.eval_every
+    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
+    return max(1, checks) * cfg.eval_every
 
 
 def last_step(cfg, decay_start):
@@ -403,15 +410,6 @@ def learning_rate(step, cfg, decay_start=None):
         length = (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, length)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def describe_steps(cfg):
-    """The step rule, as a run prints it when it starts."""
-    if cfg.steps:
-        return f"steps: {cfg.steps}, the lr decaying over them"
-    return (f"steps by rule: lr {cfg.lr:g} held until the training tasks reach {cfg.fit_accuracy} "
-            f"exact match (checked every {cfg.eval_every} steps), then decayed over "
-            f"{cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps} steps")
 
 
 def autocast(device, precision="auto"):
@@ -485,7 +483,7 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     state = read_checkpoint(path)
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
     ignored = EVALUATION_ONLY + ("eval_every",) * bool(fixed_length)
-    saved = {**asdict(Config()), **state["identity"]}  # a setting newer than the checkpoint: its default
+    saved = {**asdict(Config()), **state["identity"]}  # a setting newer than it: the default
     differing = {k: (saved.get(k), v) for k, v in identity.items()
                  if k not in ignored and saved.get(k) != v}
     if differing:
@@ -510,72 +508,45 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
 
 # ----------------------------------------------------------------------------- training
 
-CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be half an hour apart
-STATUS_SECONDS = 15  # a line of progress at least this often, where someone watches (status=...)
+CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be an hour apart
+STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
 
 
 def train(family, split, cfg, log=print, save=None, resume=None, identity=None, stop=None,
           status=None):
-    """Train a fresh model (or resume one) on split.train. Returns (model, training statistics).
-    save: the checkpoint file; resume: a checkpoint of the same run (identity: what defines it)
-    to continue; stop(step): True saves and stops; status: gets a progress line every 15 s."""
+    """Train a fresh model (or resume a checkpoint of the same run: identity) on split.train.
+    stop(step): True saves and stops; status gets a line every 15 s. Returns (model, stats)."""
     device = torch.device(cfg.device)
-    if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
-        torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(family, cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
-    train_tasks = torch.as_tensor(split.train, device=device)
-    dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
+    model, optimizer, generator = init(family, cfg, device)
+    tasks = torch.as_tensor(split.train, device=device)
+    dataset = cfg.n_train_total and fixed_dataset(family, split.train, cfg, device)
     positions = answer_positions(family, cfg, device)
-    # Evaluation and decoding keep the plain module: their shapes vary, which would recompile.
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model) if cfg.compile else model  # decoding's shapes would recompile
+    identity = identity or asdict(cfg)
     progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
     if resume:
         progress = load_checkpoint(resume, identity, model, optimizer, generator, log)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens per "
-        f"sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of {split.n_total}")
-    log(describe_steps(cfg))
-    goals = ["0.90", "0.98"] + ([] if cfg.target_accuracy is None else [f"{cfg.target_accuracy}"])
-    reached_target = lambda: cfg.target_accuracy is not None and goals[-1] in progress["milestones"]
-    tokens_per_step = cfg.batch_size * model.config.block_size
-    step, elapsed_before = progress["step"], progress["wall_seconds"]
-    start_step = step
-    t0, loss_sum = time.time() - progress["wall_seconds"], torch.zeros((), device=device)
-    last = dict(step=step, time=time.time(), save=time.time(), status=time.time())
-    while step < last_step(cfg, progress["decay_start"]) and not reached_target():
+    log(describe(model, split, cfg))
+    step, start, t0 = progress["step"], dict(progress), time.time() - progress["wall_seconds"]
+    last = dict(step=step, time=time.time(), save=time.time(), status=time.time(),
+                loss=torch.zeros((), device=device))
+    while step < last_step(cfg, progress["decay_start"]) and not target_reached(cfg, progress):
         # determine and set the learning rate
         lr = learning_rate(step, cfg, progress["decay_start"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         # forward, backward, update
-        batch = get_batch(step, family, train_tasks, dataset, cfg, generator)
-        loss_sum += train_step(step_model, optimizer, batch, positions, cfg.grad_clip, cfg.precision)
+        batch = get_batch(step, family, tasks, dataset, cfg, generator)
+        last["loss"] += train_step(step_model, optimizer, batch, positions, cfg.grad_clip,
+                                   cfg.precision)
         step = progress["step"] = step + 1
         progress["wall_seconds"] = time.time() - t0
-        seconds_per_step = (time.time() - last["time"]) / (step - last["step"])
-        eta = (last_step(cfg, progress["decay_start"]) - step) * seconds_per_step
-        # evaluate the unseen tasks, and by rule the training tasks' fit, which starts the decay
+        # evaluate (and by rule, check the fit that starts the decay); else a line every 15 s
         if step % cfg.eval_every == 0 or step == last_step(cfg, progress["decay_start"]):
-            mean_loss = loss_sum.item() / (step - last["step"])
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss became {mean_loss} by step {step}; lower --lr")
-            record, per_step = progress_check(model, family, split, cfg, step, mean_loss, progress)
-            if progress["decay_start"] == step:
-                log(f"training tasks at {record['train_exact_match']:.3f} exact match by step {step}: "
-                    f"the lr decays until step {last_step(cfg, step)}")
-            rate = tokens_per_step * (step - last["step"]) / (time.time() - last["time"])
-            log(f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | unseen exact match "
-                f"{record['unseen_exact_match']:.3f} (per step {per_step})"
-                + (f" | training tasks {record['train_exact_match']:.3f}" if "train_exact_match" in record else "")
-                + f" | {rate:,.0f} tok/s | {progress['wall_seconds']:5.0f}s elapsed, ETA {eta:4.0f}s")
-            loss_sum.zero_()
-            last.update(step=step, time=time.time())
-        # a line of progress for someone watching
-        if status and time.time() - last["status"] > STATUS_SECONDS:
-            status(f"step {step:6d} | loss {loss_sum.item() / max(1, step - last['step']):.4f} | "
-                   f"{tokens_per_step / seconds_per_step:,.0f} tok/s | ETA {eta:4.0f}s")
+            log(progress_check(model, family, split, cfg, progress, last, lr))
+        elif status and time.time() - last["status"] > STATUS_SECONDS:
+            status(f"step {step:6d} | loss {last['loss'].item() / (step - last['step']):.4f} | "
+                   + speed(cfg, model, progress, last))
             last["status"] = time.time()
         # checkpoint every two minutes, and before a stop
         stopping = stop is not None and stop(step)
@@ -586,31 +557,76 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
             raise Interrupted(step, save)
     if save:
         save_checkpoint(save, model, optimizer, generator, progress, identity)
-    return model, dict(
-        steps=step, wall_seconds=progress["wall_seconds"], history=progress["history"],
-        tokens_per_second=tokens_per_step * (step - start_step)
-        / max(1e-9, progress["wall_seconds"] - elapsed_before),
-        time_to_accuracy=progress["milestones"], n_parameters=model.num_params())
+    tokens = cfg.batch_size * model.config.block_size * (step - start["step"])
+    seconds = max(1e-9, time.time() - t0 - start["wall_seconds"])
+    return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
+                       history=progress["history"], tokens_per_second=tokens / seconds,
+                       time_to_accuracy=progress["milestones"], n_parameters=model.num_params())
 
 
-def progress_check(model, family, split, cfg, step, loss, progress):
-    """A progress evaluation at step, added to progress: unseen-task exact match on 256 fresh
-    samples, and by rule, while the lr holds, the training tasks' (whose fit starts the decay).
-    Its samples come from a generator of their own: evaluations never change the training data."""
+def init(family, cfg, device):
+    """A fresh run's model, optimizer and data generator, drawn from the seed, on device."""
+    if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
+        torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(family, cfg).to(device)
+    return model, make_optimizer(model, cfg), generator
+
+
+def describe(model, split, cfg):
+    """The run's model, tasks and step rule, as it prints them when it starts."""
+    steps = (f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
+             f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
+             f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
+             f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
+    return (f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens "
+            f"a sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of "
+            f"{split.n_total}\n{steps}")
+
+
+def target_reached(cfg, progress):
+    return cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in progress["milestones"]
+
+
+def speed(cfg, model, progress, last):
+    """Tokens a second since the last progress check, and the time left at that speed."""
+    seconds_per_step = (time.time() - last["time"]) / max(1, progress["step"] - last["step"])
+    left = (last_step(cfg, progress["decay_start"]) - progress["step"]) * seconds_per_step
+    bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
+    return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
+            f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
+
+
+def progress_check(model, family, split, cfg, progress, last, lr):
+    """A progress evaluation, kept in progress; returns its line. Unseen-task exact match on 256
+    fresh samples, and by rule, while the lr holds, the training tasks' (their fit starts the
+    decay), from a generator of their own: evaluations never change the training data."""
+    step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
     seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
     unseen = evaluate(model, family, split.test, cfg, seeded(), n_samples=256)
     record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
                   wall_seconds=progress["wall_seconds"])
+    line = (f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | unseen exact match "
+            f"{record['unseen_exact_match']:.3f} (per step "
+            + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
     if cfg.steps is None and progress["decay_start"] is None:
         fit = evaluate(model, family, split.train, cfg, seeded(), n_samples=256)
         record["train_exact_match"] = fit = fit["exact_match_generated"]
+        line += f" | training tasks {fit:.3f}"
         if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
             progress["decay_start"] = step
+            line += f", so the lr decays until step {last_step(cfg, step)}"
     progress["history"].append(record)
-    for goal in ["0.90", "0.98"] + ([] if cfg.target_accuracy is None else [f"{cfg.target_accuracy}"]):
+    for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
         if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
             progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
-    return record, " ".join(f"{p:.2f}" for p in unseen["per_step"])
+    line += " | " + speed(cfg, model, progress, last)
+    last.update(step=step, time=time.time())
+    last["loss"].zero_()
+    return line
 
 
 class Interrupted(Exception):
@@ -626,7 +642,7 @@ class Interrupted(Exception):
 
 # ----------------------------------------------------------------------------- evaluation
 
-EVAL_BATCH_TOKENS = 2**17  # an evaluation batch holds at most 500 samples and about this many tokens
+EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about this many tokens
 
 
 @torch.no_grad()
