@@ -154,16 +154,21 @@ class Exclusion:
     missing_pair: tuple = None  # (a, b): no training task contains both a and b
 
     def check(self, n_options, n_steps):
-        (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
-        D = n_options
-        for holds, error in [
-            (1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, got {c}"),
-                (0 <= v < D, f"missing-coordinate value must be in 0..{D - 1}, got {v}"),
-                (a != b, f"missing-pair needs two different values, got {a} {b}"),
-                (0 <= min(a, b) and max(a, b) < D,
-                 f"missing-pair values must be in 0..{D - 1}, got {a} {b}"),
-                (n_steps >= 2 or not self.missing_pair,
-                 "missing-pair needs tasks of at least 2 steps: no 1-step task uses two values")]:
+        """Refuse an exclusion that names a step or an option the family does not have."""
+        rules = []
+        if self.missing_coordinate is not None:
+            c, v = self.missing_coordinate
+            rules += [(1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, "
+                                          f"got {c}"),
+                      (0 <= v < n_options, f"missing-coordinate value must be in "
+                                           f"0..{n_options - 1}, got {v}")]
+        if self.missing_pair is not None:
+            a, b = self.missing_pair
+            rules += [(a != b, f"missing-pair needs two different values, got {a} {b}"),
+                      (0 <= min(a, b) and max(a, b) < n_options,
+                       f"missing-pair values must be in 0..{n_options - 1}, got {a} {b}"),
+                      (n_steps >= 2, "missing-pair needs tasks of at least 2 steps")]
+        for holds, error in rules:
             if not holds:
                 raise ValueError(error)
 
@@ -209,8 +214,9 @@ class TaskSplit:
     n_total: int
 
     def ceiling(self):
-        """Unseen-task exact match of a model exact wherever every pair was trained and a coin flip
-        at each step whose pair was not: what the ARC theory promises on this split."""
+        """The unseen-task exact match of a model that is exact wherever every (step, option) pair
+        was trained and flips a coin at each step whose pair was not (a parity step's two
+        answers): the most that the ARC theory accounts for on this split."""
         return float(np.mean(0.5 ** self.test_uncovered))
 
 
@@ -379,6 +385,11 @@ def make_optimizer(model, cfg, fused=None):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=fused)
 
 
+# ----------------------------------------------------------------------------- the learning rate
+# Warmup, then a cosine decay to min_lr: over cfg.steps if given, else by rule: the lr holds until a
+# progress check (progress_check) finds the training tasks fitted, at decay_start, and decays over
+# decay_fraction times the steps before it; training ends where the decay does (last_step).
+
 def decay_length(decay_start, cfg):
     """By rule: the steps of the decay that starts at decay_start."""
     return max(1, round(cfg.decay_fraction * decay_start))
@@ -391,10 +402,11 @@ def latest_decay_start(cfg):
 
 
 def last_step(cfg, decay_start):
-    """Where training ends: cfg.steps, or by rule the decay's end (max_steps before it starts)."""
+    """Where training ends: cfg.steps, or by rule the decay's end, and never after max_steps."""
     if cfg.steps:
         return cfg.steps
-    return cfg.max_steps if decay_start is None else decay_start + decay_length(decay_start, cfg)
+    return min(cfg.max_steps, cfg.max_steps if decay_start is None
+               else decay_start + decay_length(decay_start, cfg))
 
 
 def learning_rate(step, cfg, decay_start=None):
@@ -512,6 +524,83 @@ CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be
 STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
 
 
+def init(family, cfg, device):
+    """A fresh run's model, optimizer and data generator, drawn from the seed, on device."""
+    if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
+        torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(family, cfg).to(device)
+    return model, make_optimizer(model, cfg), generator
+
+
+def describe(model, split, cfg):
+    """The run's model, tasks and step rule, as it prints them when it starts."""
+    steps = (f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
+             f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
+             f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
+             f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
+    return (f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens "
+            f"a sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of "
+            f"{split.n_total}\n{steps}")
+
+
+def target_reached(cfg, progress):
+    return cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in progress["milestones"]
+
+
+def speed(cfg, model, progress, last):
+    """Tokens a second since the last progress check, and the time left at that speed."""
+    seconds_per_step = (time.time() - last["time"]) / max(1, progress["step"] - last["step"])
+    left = (last_step(cfg, progress["decay_start"]) - progress["step"]) * seconds_per_step
+    bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
+    return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
+            f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
+
+
+def progress_check(model, family, split, cfg, progress, last, lr):
+    """A progress evaluation, kept in progress; returns its line. Unseen-task exact match on fresh
+    samples (256, rounded up to whole tasks), and by rule, while the lr holds, the training tasks'
+    exact match, whose fit starts the decay. Its samples come from a generator seeded by the step,
+    apart from the training data's, so that evaluations never change what training sees."""
+    step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
+    seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
+    unseen = evaluate(model, family, split.test, cfg, seeded(), n_samples=256)
+    record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
+                  wall_seconds=progress["wall_seconds"])
+    line = (f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | unseen exact match "
+            f"{record['unseen_exact_match']:.3f} (per step "
+            + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
+    if cfg.steps is None and progress["decay_start"] is None:
+        fit = evaluate(model, family, split.train, cfg, seeded(), n_samples=256)
+        record["train_exact_match"] = fit = fit["exact_match_generated"]
+        line += f" | training tasks {fit:.3f}"
+        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
+            progress["decay_start"] = step
+            line += f", so the lr decays until step {last_step(cfg, step)}"
+    progress["history"].append(record)
+    for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
+        if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
+            progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
+    line += " | " + speed(cfg, model, progress, last)
+    last.update(step=step, time=time.time())
+    last["loss"].zero_()
+    return line
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT, SIGTERM), after saving a checkpoint where it could."""
+
+    def __init__(self, step, path, resume=None):
+        self.step, self.path = step, path
+        saved = (f"checkpoint saved to {path}; resume with "
+                 f"{resume or f'the same command and --resume {path}'}" if path
+                 else "nothing saved (with --save FILE a run can be resumed)")
+        super().__init__(f"interrupted at step {step}: {saved}")
+
+
 def train(family, split, cfg, log=print, save=None, resume=None, identity=None, stop=None,
           status=None):
     """Train a fresh model (or resume a checkpoint of the same run: identity) on split.train.
@@ -519,7 +608,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     device = torch.device(cfg.device)
     model, optimizer, generator = init(family, cfg, device)
     tasks = torch.as_tensor(split.train, device=device)
-    dataset = cfg.n_train_total and fixed_dataset(family, split.train, cfg, device)
+    dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
     positions = answer_positions(family, cfg, device)
     step_model = torch.compile(model) if cfg.compile else model  # decoding's shapes would recompile
     identity = identity or asdict(cfg)
@@ -562,82 +651,6 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
                        history=progress["history"], tokens_per_second=tokens / seconds,
                        time_to_accuracy=progress["milestones"], n_parameters=model.num_params())
-
-
-def init(family, cfg, device):
-    """A fresh run's model, optimizer and data generator, drawn from the seed, on device."""
-    if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
-        torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(family, cfg).to(device)
-    return model, make_optimizer(model, cfg), generator
-
-
-def describe(model, split, cfg):
-    """The run's model, tasks and step rule, as it prints them when it starts."""
-    steps = (f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
-             f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
-             f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
-             f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
-    return (f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens "
-            f"a sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of "
-            f"{split.n_total}\n{steps}")
-
-
-def target_reached(cfg, progress):
-    return cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in progress["milestones"]
-
-
-def speed(cfg, model, progress, last):
-    """Tokens a second since the last progress check, and the time left at that speed."""
-    seconds_per_step = (time.time() - last["time"]) / max(1, progress["step"] - last["step"])
-    left = (last_step(cfg, progress["decay_start"]) - progress["step"]) * seconds_per_step
-    bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
-    return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
-            f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
-
-
-def progress_check(model, family, split, cfg, progress, last, lr):
-    """A progress evaluation, kept in progress; returns its line. Unseen-task exact match on 256
-    fresh samples, and by rule, while the lr holds, the training tasks' (their fit starts the
-    decay), from a generator of their own: evaluations never change the training data."""
-    step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
-    seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
-    unseen = evaluate(model, family, split.test, cfg, seeded(), n_samples=256)
-    record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
-                  wall_seconds=progress["wall_seconds"])
-    line = (f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | unseen exact match "
-            f"{record['unseen_exact_match']:.3f} (per step "
-            + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
-    if cfg.steps is None and progress["decay_start"] is None:
-        fit = evaluate(model, family, split.train, cfg, seeded(), n_samples=256)
-        record["train_exact_match"] = fit = fit["exact_match_generated"]
-        line += f" | training tasks {fit:.3f}"
-        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
-            progress["decay_start"] = step
-            line += f", so the lr decays until step {last_step(cfg, step)}"
-    progress["history"].append(record)
-    for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
-        if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
-            progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
-    line += " | " + speed(cfg, model, progress, last)
-    last.update(step=step, time=time.time())
-    last["loss"].zero_()
-    return line
-
-
-class Interrupted(Exception):
-    """Training stopped on request (SIGINT, SIGTERM), after saving a checkpoint where it could."""
-
-    def __init__(self, step, path, resume=None):
-        self.step, self.path = step, path
-        saved = (f"checkpoint saved to {path}; resume with "
-                 f"{resume or f'the same command and --resume {path}'}" if path
-                 else "nothing saved (with --save FILE a run can be resumed)")
-        super().__init__(f"interrupted at step {step}: {saved}")
 
 
 # ----------------------------------------------------------------------------- evaluation
