@@ -567,14 +567,14 @@ def progress_check(model, family, split, cfg, progress, last, lr):
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
     seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
-    unseen = evaluate(model, family, split.test, cfg, seeded(), n_samples=256)
+    unseen = evaluate(model, family, split.test, cfg, seeded(), 256, teacher_forced=False)
     record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
                   wall_seconds=progress["wall_seconds"])
     line = (f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | unseen exact match "
             f"{record['unseen_exact_match']:.3f} (per step "
             + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
     if cfg.steps is None and progress["decay_start"] is None:
-        fit = evaluate(model, family, split.train, cfg, seeded(), n_samples=256)
+        fit = evaluate(model, family, split.train, cfg, seeded(), 256, teacher_forced=False)
         record["train_exact_match"] = fit = fit["exact_match_generated"]
         line += f" | training tasks {fit:.3f}"
         if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
@@ -659,45 +659,46 @@ EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about 
 
 
 @torch.no_grad()
-def score(model, family, tasks, cfg, generator, n_samples):
+def score(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
     """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, scored
     on the model's device. Returns (steps_right, teacher_forced): per sample, whether greedy
-    decoding got each answer step right, and whether the argmax at every answer position given
-    the true prefix was right."""
+    decoding got each answer step right, and (unless not asked: None) whether the argmax at every
+    answer position given the true prefix was right."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
     batch_size = min(500, max(1, EVAL_BATCH_TOKENS // model.config.block_size))
     task_ids = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
     all_tasks = torch.as_tensor(tasks, device=device)
-    steps_right, teacher_forced = [], []
+    steps_right, right_given_prefix = [], []
     for chunk in task_ids.split(batch_size):
         batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
         answer = batch.tokens[:, -batch.answer_len:]
         with autocast(device, cfg.precision):
-            logits = model(batch.tokens[:, :-1])[:, -batch.answer_len:]
             generated = model.generate(batch.tokens[:, :-batch.answer_len], batch.answer_len)
-        teacher_forced.append((logits.argmax(-1) == answer).all(1))
+            if teacher_forced:
+                logits = model(batch.tokens[:, :-1])[:, -batch.answer_len:]
+                right_given_prefix.append((logits.argmax(-1) == answer).all(1))
         steps_right.append((generated == answer).view(len(chunk), -1, batch.tokens_per_step).all(2))
     model.train()
-    return torch.cat(steps_right), torch.cat(teacher_forced)
+    return torch.cat(steps_right), torch.cat(right_given_prefix) if teacher_forced else None
 
 
-def evaluate(model, family, tasks, cfg, generator, n_samples):
+def evaluate(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
     """score, as numbers. exact_match_generated: greedy decoding of the whole answer;
     exact_match_teacher_forced: argmax at every answer position given the true prefix. For the
     whole answer the two are the same number (greedy decoding reproduces the answer exactly when
-    every teacher-forced argmax is right): both are kept as a check of the decoder. Per step they
-    differ: per_step is generated accuracy of each answer step; per_task, exact match per task."""
-    steps_right, teacher_forced = score(model, family, tasks, cfg, generator, n_samples)
+    every teacher-forced argmax is right): the final evaluation keeps both as a check of the
+    decoder, progress checks only the first. Per step they differ: per_step is generated accuracy
+    of each answer step; per_task, exact match per task."""
+    steps_right, right_given_prefix = score(model, family, tasks, cfg, generator, n_samples,
+                                            teacher_forced)
     generated = steps_right.all(1).float()
-    return {
-        "exact_match_generated": generated.mean().item(),
-        "exact_match_teacher_forced": teacher_forced.float().mean().item(),
-        "per_step": steps_right.float().mean(0).tolist(),
-        "per_task": generated.view(len(tasks), -1).mean(1).tolist(),
-        "n_samples": len(generated),
-    }
+    return dict(exact_match_generated=generated.mean().item(),
+                per_step=steps_right.float().mean(0).tolist(),
+                per_task=generated.view(len(tasks), -1).mean(1).tolist(), n_samples=len(generated),
+                **({} if right_given_prefix is None else dict(
+                    exact_match_teacher_forced=right_given_prefix.float().mean().item())))
 
 
 def final_evaluation(model, family, split, cfg):
