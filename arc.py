@@ -401,12 +401,15 @@ def latest_decay_start(cfg):
     return max(1, checks) * cfg.eval_every
 
 
-def last_step(cfg, decay_start):
-    """Where training ends: cfg.steps, or by rule the decay's end, and never after max_steps."""
-    if cfg.steps:
-        return cfg.steps
-    return min(cfg.max_steps, cfg.max_steps if decay_start is None
-               else decay_start + decay_length(decay_start, cfg))
+def last_step(cfg, progress):
+    """Where training ends: at cfg.steps, or by rule where the decay ends (max_steps while the lr
+    holds, and never after them); at once if a progress check reached the target."""
+    if f"{cfg.target_accuracy}" in progress["milestones"]:  # no milestone is named "None"
+        return progress["step"]
+    start = progress["decay_start"]
+    if cfg.steps or start is None:
+        return cfg.steps or cfg.max_steps
+    return min(cfg.max_steps, start + decay_length(start, cfg))
 
 
 def learning_rate(step, cfg, decay_start=None):
@@ -545,14 +548,10 @@ def describe(model, split, cfg):
             f"{split.n_total}\n{steps}")
 
 
-def target_reached(cfg, progress):
-    return cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in progress["milestones"]
-
-
 def speed(cfg, model, progress, last):
     """Tokens a second since the last progress check, and the time left at that speed."""
     seconds_per_step = (time.time() - last["time"]) / max(1, progress["step"] - last["step"])
-    left = (last_step(cfg, progress["decay_start"]) - progress["step"]) * seconds_per_step
+    left = (last_step(cfg, progress) - progress["step"]) * seconds_per_step
     bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
     return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
             f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
@@ -579,7 +578,7 @@ def progress_check(model, family, split, cfg, progress, last, lr):
         line += f" | training tasks {fit:.3f}"
         if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
             progress["decay_start"] = step
-            line += f", so the lr decays until step {last_step(cfg, step)}"
+            line += f", so the lr decays until step {last_step(cfg, progress)}"
     progress["history"].append(record)
     for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
         if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
@@ -619,7 +618,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     step, start, t0 = progress["step"], dict(progress), time.time() - progress["wall_seconds"]
     last = dict(step=step, time=time.time(), save=time.time(), status=time.time(),
                 loss=torch.zeros((), device=device))
-    while step < last_step(cfg, progress["decay_start"]) and not target_reached(cfg, progress):
+    while step < last_step(cfg, progress):
         # determine and set the learning rate
         lr = learning_rate(step, cfg, progress["decay_start"])
         for group in optimizer.param_groups:
@@ -631,7 +630,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
         step = progress["step"] = step + 1
         progress["wall_seconds"] = time.time() - t0
         # evaluate (and by rule, check the fit that starts the decay); else a line every 15 s
-        if step % cfg.eval_every == 0 or step == last_step(cfg, progress["decay_start"]):
+        if step % cfg.eval_every == 0 or step == last_step(cfg, progress):
             log(progress_check(model, family, split, cfg, progress, last, lr))
         elif status and time.time() - last["status"] > STATUS_SECONDS:
             status(f"step {step:6d} | loss {last['loss'].item() / (step - last['step']):.4f} | "
