@@ -586,8 +586,9 @@ def build_parser():
                          help="; ".join(f"{p}: {presets[p]}" for p in choices))
         sub.add_argument("--seeds", type=int, default=1, help="every run with seeds 0..N-1")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
-        sub.add_argument("--out", default="out" if name == "all" else None, help="folder of the "
-                         "runs' JSON, checkpoints and summary (default: out/EXPERIMENT/PRESET)")
+        sub.add_argument("--out", default="out" if name == "all" else None, help=(
+            "folder of every experiment's runs and the report (default: out)" if name == "all" else
+            "folder of the runs' JSON, checkpoints and summary (default: out/EXPERIMENT/PRESET)"))
         if name != "all":
             sub.add_argument("--list", action="store_true", help="print each run's name, and stop")
             sub.add_argument("--shard", metavar="I/N", help="run only every N-th run from the "
