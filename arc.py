@@ -3,9 +3,10 @@
 1. Config: every setting of a run, with its meaning; the defaults are the CPU recipe.
 2. Split: unseen test tasks first, then training tasks from the rest (never listing the universe).
 3. Data: fresh samples of the training tasks, as token batches (`tasks.make_batch`).
-4. Model and optimizer: `gpt.GPT`, AdamW, the learning-rate schedule.
-5. Training: one flat loop; a checkpoint is a plain dict.
-6. Evaluation: exact match of the query's answer, on training tasks and on unseen tasks.
+4. Model and optimizer: `gpt.GPT` and AdamW; the learning rate, by fixed steps or by rule.
+5. Checkpoints: a plain dict, saved and loaded by two functions.
+6. Training: one flat loop (`train`), after the helpers it calls.
+7. Evaluation: exact match of the query's answer, on training tasks and on unseen tasks.
 """
 
 import bisect
