@@ -508,6 +508,7 @@ def gpu_check(out="out/gpu-check"):
     a time limit of its own, out/gpu-check.json rewritten after each (a cut-off check reports)."""
     if not torch.cuda.is_available():
         raise ValueError("no CUDA GPU here: gpu-check checks and times one")
+    out, here = os.path.abspath(out), os.path.dirname(os.path.abspath(__file__))
     run = lambda overrides: [sys.executable, "run.py", "parity", *words(overrides, "--"),
                              "--out", os.path.join(out, "run.json")]
     stages = [("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda"], 75),
@@ -520,7 +521,7 @@ def gpu_check(out="out/gpu-check"):
         start, path = time.time(), os.path.join(out, "run.json")
         os.path.exists(path) and os.remove(path)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=here)
             outcome = dict(exit=done.returncode, output=(done.stdout + done.stderr)[-1500:])
         except subprocess.TimeoutExpired as cut:
             outcome = dict(exit=f"cut off after {limit} s", output=str(cut.stdout)[-1500:])
