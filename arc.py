@@ -10,6 +10,7 @@
 """
 
 import bisect
+import functools
 import math
 import os
 import re
@@ -357,10 +358,15 @@ def get_batch(step, family, train_tasks, dataset, cfg, generator):
         return make_batch(family, train_tasks[picks], cfg.context_length, cfg.cot, generator,
                           difficulty_at(step, cfg)).tokens
     epoch, index = divmod(step, max(1, len(dataset) // cfg.batch_size))
-    seed = int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1, np.uint64)[0])
-    order = torch.randperm(len(dataset), device=dataset.device,
-                           generator=torch.Generator(device=dataset.device).manual_seed(seed))
+    order = epoch_order(len(dataset), cfg.seed, epoch, dataset.device)
     return dataset[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
+
+
+@functools.lru_cache(maxsize=1)  # drawn once an epoch, not at every step
+def epoch_order(n, seed, epoch, device):
+    """The order of an epoch of the fixed dataset, drawn from the seed and the epoch alone."""
+    seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+    return torch.randperm(n, device=device, generator=torch.Generator(device).manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -493,6 +499,12 @@ def read_checkpoint(path):
     return state
 
 
+def differences(saved, now, ignored=()):
+    """The settings that differ between two runs' identities: {name: (saved, now)}."""
+    return {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+            if k not in ignored and saved.get(k) != now.get(k)}
+
+
 def load_checkpoint(path, identity, model, optimizer, generator, log):
     """Restore a run saved by save_checkpoint into model, optimizer and generator, if it is the
     same run (identity: its settings and split); returns its progress."""
@@ -500,8 +512,7 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
     ignored = EVALUATION_ONLY + ("eval_every",) * bool(fixed_length)
     saved = {**asdict(Config()), **state["identity"]}  # a setting newer than it: the default
-    differing = {k: (saved.get(k), v) for k, v in identity.items()
-                 if k not in ignored and saved.get(k) != v}
+    differing = differences(saved, identity, ignored)
     if differing:
         raise ValueError(f"checkpoint {path} belongs to another run (saved, now): {differing}")
     model.load_state_dict(state["model"])

@@ -33,8 +33,16 @@ def log(line):
     print(line, flush=True)  # flushed, so that a run logging to a file can be followed
 
 
+def save_text(path, text):
+    """Write a file atomically (arc.atomic_write), closed before it is renamed into place."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    arc.atomic_write(path, write)
+
+
 def save_json(path, data):
-    arc.atomic_write(path, lambda tmp: json.dump(data, open(tmp, "w"), indent=1))
+    save_text(path, json.dumps(data, indent=1))
 
 
 # ----------------------------------------------------------------------------- families and presets
@@ -293,8 +301,7 @@ def check_finished(path, identity):
     if os.path.exists(path):
         saved = json.load(open(path))["config"]
         now = {k: v for k, v in identity.items() if not k.endswith("_tasks")}
-        differing = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
-                     if k != "device" and saved.get(k) != now.get(k)}
+        differing = arc.differences(saved, now, ignored=("device",))
         if differing:
             raise ValueError(f"{path} holds a run with other settings (saved, now): "
                              f"{differing}; move it away or give another --out")
@@ -344,8 +351,7 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
     if done:
         save_json(os.path.join(out, "summary.json"), [result for *_, result in done])
         lines = summary(experiment, preset, done) + ["", plot(experiment, done, out)]
-        arc.atomic_write(os.path.join(out, "summary.md"),
-                         lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+        save_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
         log("\n".join(lines))
     return [result for *_, result in done]
 
@@ -437,8 +443,7 @@ def run_all(preset, seeds=1, device="auto", out="out"):
         with open(os.path.join(out, folder, "summary.md")) as f:
             sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
     sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
-    arc.atomic_write(os.path.join(out, f"report-{preset}.md"),
-                     lambda tmp: open(tmp, "w").write("\n".join(sections) + "\n"))
+    save_text(os.path.join(out, f"report-{preset}.md"), "\n".join(sections) + "\n")
     log(f"\nreport written to {os.path.join(out, f'report-{preset}.md')}")
 
 
