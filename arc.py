@@ -1,13 +1,8 @@
-"""The paper's method, the same for every ARC family, in reading order.
-
-1. Config: every setting of a run, with its meaning; the defaults are the CPU recipe.
-2. Split: unseen test tasks first, then training tasks from the rest (never listing the universe).
-3. Data: fresh samples of the training tasks, as token batches (`tasks.make_batch`).
-4. Model and optimizer: `gpt.GPT` and AdamW; the learning rate, by fixed steps or by rule.
-5. Checkpoints: a plain dict, saved and loaded by two functions.
-6. Training: one flat loop (`train`), after the helpers it calls.
-7. Evaluation: exact match of the query's answer, on training tasks and on unseen tasks.
-"""
+"""The paper's method, the same for every ARC family, in reading order: the settings (Config);
+the split (unseen test tasks first, then training tasks from the rest, never listing the
+universe); the data (fresh samples of the training tasks, tasks.make_batch); the model, AdamW and
+the learning rate (fixed steps, or by rule); checkpoints (a plain dict); training (one flat loop,
+`train`, after the helpers it calls); evaluation (exact match of the query's answer)."""
 
 import bisect
 import functools
@@ -34,8 +29,7 @@ def setting(default, doc, **flag):
 
 @dataclass
 class Config:
-    """Every setting of a run. The defaults are the CPU recipe (docs/recipe.md); a family's
-    preset and an experiment's runs override some of them."""
+    """Every setting of a run; the defaults are the CPU recipe (docs/recipe.md)."""
     # the split
     n_train_tasks: str = setting("3dlogd", "training tasks: an integer or a multiple of D ln D "
                                  "such as 3dlogd (the paper: about D ln D suffice with CoT)")
@@ -48,16 +42,14 @@ class Config:
     # the data
     context_length: int = setting(20, "N: examples a sample, of one task; the last is the query")
     cot: bool = setting(True, "chain of thought: every step y_1..y_T; --no-cot: y_T only")
-    n_train_total: int = setting(None, "a fixed dataset of this many samples, each once an epoch "
-                                 "(the paper's setup); default: fresh samples every step")
+    n_train_total: int = setting(None, "a fixed dataset of this many samples (else fresh ones)")
     input_curriculum: float = setting(0.0, "this fraction of the steps raises the inputs from the "
                                       "family's easiest to the true ones (arithmetic)")
     # the model
     n_layers: int = setting(3, "transformer blocks (paper: 3)")
     n_heads: int = setting(4, "attention heads per block (paper: 1)")
     width: int = setting(128, "embedding width (paper: 192)")
-    position: str = setting("broadcast", "absolute: GPT-2's learned positions (the paper's); "
-                            "broadcast: packed inputs (docs/recipe.md)",
+    position: str = setting("broadcast", "absolute: GPT-2's (paper); broadcast: packed inputs",
                             choices=("absolute", "broadcast"))
     embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
     token_shift: bool = setting(True, "every position also sees a map of the previous one")
@@ -79,8 +71,7 @@ class Config:
     # the evaluation
     eval_every: int = setting(500, "steps between progress evaluations")
     eval_samples: int = setting(2000, "fresh samples per task group in the final evaluation")
-    target_accuracy: float = setting(None, "stop once a progress evaluation's unseen-task exact "
-                                     "match reaches this")
+    target_accuracy: float = setting(None, "stop once unseen-task exact match reaches this")
     # the machine
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto (the best available)")
     precision: str = setting("auto", "auto: fp32 (TF32 matmuls on CUDA); fp32: no TF32 either; "
@@ -150,63 +141,6 @@ def parse_task_count(spec, n_options):
 
 
 @dataclass
-class Exclusion:
-    """Training tasks the paper's Section 5.1 withholds; positions are 1-based as in the paper."""
-    missing_coordinate: tuple = None  # (c, v): no training task has theta_c = v
-    missing_pair: tuple = None  # (a, b): no training task contains both a and b
-
-    def check(self, n_options, n_steps):
-        """Refuse an exclusion that names a step or an option the family does not have."""
-        rules = []
-        if self.missing_coordinate is not None:
-            c, v = self.missing_coordinate
-            rules += [(1 <= c <= n_steps, f"missing-coordinate position must be in 1..{n_steps}, "
-                                          f"got {c}"),
-                      (0 <= v < n_options, f"missing-coordinate value must be in "
-                                           f"0..{n_options - 1}, got {v}")]
-        if self.missing_pair is not None:
-            a, b = self.missing_pair
-            rules += [(a != b, f"missing-pair needs two different values, got {a} {b}"),
-                      (0 <= min(a, b) and max(a, b) < n_options,
-                       f"missing-pair values must be in 0..{n_options - 1}, got {a} {b}"),
-                      (n_steps >= 2, "missing-pair needs tasks of at least 2 steps")]
-        for holds, error in rules:
-            if not holds:
-                raise ValueError(error)
-
-    def any(self):
-        return self.missing_coordinate is not None or self.missing_pair is not None
-
-    def excludes(self, tasks):
-        """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
-        removed = np.zeros(len(tasks), dtype=bool)
-        if self.missing_coordinate is not None:
-            c, v = self.missing_coordinate
-            removed |= tasks[:, c - 1] == v
-        if self.missing_pair is not None:
-            a, b = self.missing_pair
-            removed |= (tasks == a).any(axis=1) & (tasks == b).any(axis=1)
-        return removed
-
-    def n_excluded(self, universe):
-        """How many tasks of the universe it removes, counted (never listed) by inclusion and
-        exclusion."""
-        c, v = self.missing_coordinate or (None, None)
-        fixed = None if c is None else (c - 1, v)
-
-        def containing_pair(fixed):  # tasks (with theta_c = v if fixed) that use both a and b
-            a, b = self.missing_pair
-            return sum(sign * universe.count(fixed, avoid)
-                       for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
-
-        if self.missing_pair is None:
-            return 0 if fixed is None else universe.count(fixed)
-        if fixed is None:
-            return containing_pair(None)
-        return universe.count(fixed) + containing_pair(None) - containing_pair(fixed)
-
-
-@dataclass
 class TaskSplit:
     train: np.ndarray  # (n_train, T), in rank order
     test: np.ndarray  # (n_test, T), in the order drawn
@@ -214,15 +148,7 @@ class TaskSplit:
     uncovered: list  # the (step, option) pairs some task uses but no training task does
     test_uncovered: np.ndarray  # (n_test,) int: how many uncovered pairs each test task uses
     n_total: int
-
-    def ceiling(self):
-        """The unseen-task exact match of a model that is exact wherever every (step, option) pair
-        was trained and flips a coin at each step whose pair was not (a parity step's two
-        answers): the most that the ARC theory accounts for on this split."""
-        return float(np.mean(0.5 ** self.test_uncovered))
-
-
-MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused
+    ceiling: float  # unseen exact match if exact where all pairs were trained, else a coin flip
 
 
 def random_below(rng, n):
@@ -235,9 +161,8 @@ def random_below(rng, n):
 
 
 def uniform_ranks(rng, n, count):
-    """count distinct integers of 0..n-1, uniformly, in the order drawn. numpy's choice uses
-    Floyd's algorithm when count is small against n, so the cost grows with count, not n; past
-    int64, rejection does the same."""
+    """count distinct integers of 0..n-1, uniformly, in the order drawn, at a cost that grows with
+    count, not n: numpy's Floyd algorithm within int64, rejection past it."""
     if n < 2**63:
         return [int(r) for r in rng.choice(n, count, replace=False)]
     drawn = {}  # a dict keeps the draw order
@@ -254,7 +179,7 @@ def nth_untaken(positions, taken):
     return [j + bisect.bisect_right(untaken_below, j) for j in positions]
 
 
-def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
+def split_tasks(universe, n_train, seed, exclusion=None, max_test=200):
     """Up to max_test test tasks first, uniformly; then n_train training tasks, uniformly from the
     rest that the exclusion allows. The universe is never listed: ranks are drawn, then unranked."""
     n_total = universe.size
@@ -265,58 +190,110 @@ def split_tasks(universe, n_train, seed, exclusion=Exclusion(), max_test=200):
     n_test = min(max_test, n_total - n_train)
     test_ranks = uniform_ranks(rng, n_total, n_test)
     test = universe.tuples(test_ranks)
-    test_excluded = exclusion.excludes(test)
-    n_allowed = n_total - exclusion.n_excluded(universe) - int((~test_excluded).sum())
-    if n_allowed < n_train:
-        raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks (of {n_total}, "
-                         f"{n_test} kept for testing), fewer than the {n_train} asked for")
-    if not exclusion.any():
+    if exclusion is None or not exclusion.any():
+        test_excluded = np.zeros(n_test, dtype=bool)
         train_ranks = nth_untaken(uniform_ranks(rng, n_total - n_test, n_train), test_ranks)
-    else:  # by rejection: uniform over the allowed tasks, as long as they are not too rare
+    else:
+        test_excluded = exclusion.excludes(test)
+        train_ranks = exclusion.draw(universe, rng, n_train, test_ranks, test_excluded)
+    train = universe.tuples(sorted(train_ranks))
+    uncovered, test_uncovered = coverage(train, test, universe)
+    return TaskSplit(train, test, test_excluded, uncovered, test_uncovered, n_total,
+                     float(np.mean(0.5 ** test_uncovered)))
+
+
+def coverage(train, test, universe):
+    """The (step, option) pairs that some task of the universe uses but no training task does
+    (sorted tuples make some rare: theta_1 = d-k is in one task only), from the universe's rule;
+    and how many of them each test task uses."""
+    pairs = lambda task: {(t + 1, o) for t, o in enumerate(task)}  # steps 1-based
+    possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
+    uncovered = sorted(possible.difference(*map(pairs, train.tolist())))
+    return uncovered, np.array([len(pairs(task) & set(uncovered)) for task in test.tolist()],
+                               dtype=np.int64)
+
+
+@dataclass
+class Exclusion:
+    """Training tasks the paper's Section 5.1 withholds; positions are 1-based as in the paper."""
+    missing_coordinate: tuple = None  # (c, v): no training task has theta_c = v
+    missing_pair: tuple = None  # (a, b): no training task contains both a and b
+
+    def check(self, n_options, n_steps):
+        """Refuse an exclusion that names a step or an option the family does not have."""
+        (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
+        last, coordinate = n_options - 1, "missing-coordinate"
+        for holds, error in [
+                (1 <= c <= n_steps, f"{coordinate} position must be in 1..{n_steps}, got {c}"),
+                (0 <= v <= last, f"{coordinate} value must be in 0..{last}, got {v}"),
+                (a != b, f"missing-pair needs two different values, got {a} {b}"),
+                (0 <= min(a, b) <= max(a, b) <= last or not self.missing_pair,
+                 f"missing-pair values must be in 0..{last}, got {a} {b}"),
+                (n_steps >= 2 or not self.missing_pair, "missing-pair needs tasks of at least 2 "
+                                                        "steps")]:
+            if not holds:
+                raise ValueError(error)
+
+    def any(self):
+        return self.missing_coordinate is not None or self.missing_pair is not None
+
+    def excludes(self, tasks):
+        """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
+        (c, v), (a, b) = self.missing_coordinate or (None, None), self.missing_pair or (None, None)
+        removed = np.zeros(len(tasks), dtype=bool)
+        if c is not None:
+            removed |= tasks[:, c - 1] == v
+        if a is not None:
+            removed |= (tasks == a).any(axis=1) & (tasks == b).any(axis=1)
+        return removed
+
+    def n_excluded(self, universe):
+        """How many tasks of the universe it removes, counted (never listed): |coordinate| +
+        |pair| - |both|, and |pair| itself by inclusion and exclusion over the options avoided."""
+        c, v = self.missing_coordinate or (None, None)
+        fixed = None if c is None else (c - 1, v)
+        a, b = self.missing_pair or (None, None)
+        pair = lambda fixed: 0 if a is None else sum(
+            sign * universe.count(fixed, avoid)
+            for sign, avoid in ((1, ()), (-1, {a}), (-1, {b}), (1, {a, b})))
+        return pair(None) if fixed is None else universe.count(fixed) + pair(None) - pair(fixed)
+
+    def draw(self, universe, rng, n_train, test_ranks, test_excluded):
+        """n_train training ranks by rejection: uniform over the tasks that are neither excluded
+        nor test tasks, as long as those are not too rare."""
+        n_total = universe.size
+        n_allowed = n_total - self.n_excluded(universe) - int((~test_excluded).sum())
+        if n_allowed < n_train:
+            raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks (of "
+                             f"{n_total}, {len(test_ranks)} kept for testing), fewer than the "
+                             f"{n_train} asked for")
         if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):
             raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks of "
                              f"{n_total}: too few to draw {n_train} of them at random; ask for "
                              "fewer or exclude less")
-        taken, train_ranks = set(test_ranks), []
-        while len(train_ranks) < n_train:
+        taken, ranks = set(test_ranks), []
+        while len(ranks) < n_train:
             rank = random_below(rng, n_total)
-            if rank not in taken and not exclusion.excludes(universe.tuples([rank]))[0]:
+            if rank not in taken and not self.excludes(universe.tuples([rank]))[0]:
                 taken.add(rank)
-                train_ranks.append(rank)
-    train = universe.tuples(sorted(train_ranks))
-    uncovered = coverage(train, universe)
-    return TaskSplit(train, test, test_excluded, uncovered, n_uses(test, uncovered), n_total)
+                ranks.append(rank)
+        return ranks
+
+
+MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused
 
 
 def split_for(family, cfg):
     """The split a run's settings ask for, checked."""
-    exclusion = Exclusion(cfg.missing_coordinate, cfg.missing_pair)
-    exclusion.check(family.n_options, family.n_steps)
-    if exclusion.any() and not exclusion.n_excluded(family.universe):
-        raise ValueError("the exclusion removes no task of this family: nothing would be out of "
-                         "distribution")
+    exclusion = None
+    if cfg.missing_coordinate or cfg.missing_pair:
+        exclusion = Exclusion(cfg.missing_coordinate, cfg.missing_pair)
+        exclusion.check(family.n_options, family.n_steps)
+        if not exclusion.n_excluded(family.universe):
+            raise ValueError("the exclusion removes no task of this family: nothing would be out "
+                             "of distribution")
     n_train = parse_task_count(cfg.n_train_tasks, family.n_options)
     return split_tasks(family.universe, n_train, cfg.seed, exclusion, cfg.n_test_tasks)
-
-
-def step_options(tasks):
-    """The (step, option) pairs that tasks use, steps 1-based."""
-    return {(t + 1, o) for task in np.asarray(tasks).tolist() for t, o in enumerate(task)}
-
-
-def coverage(train_tasks, universe):
-    """The (step, option) pairs that some task of the universe uses but no training task does:
-    what the coupon-collector argument is about, taken from the universe's rule. (Sorted tuples
-    make some pairs rare: theta_1 = d-k occurs in one task only.)"""
-    possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
-    return sorted(possible - step_options(train_tasks))
-
-
-def n_uses(tasks, pairs):
-    """Int array (n,): how many of the (step, option) pairs each task (n, T) uses."""
-    pairs = set(pairs)
-    return np.array([len(step_options([task]) & pairs) for task in np.asarray(tasks).tolist()],
-                    dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -330,13 +307,10 @@ def answer_positions(family, cfg, device):
 
 
 def difficulty_at(step, cfg):
-    """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum, which
-    holds the easiest inputs for its first 30% (for the step rules to be read off them), then
-    ramps linearly to the true ones, so that the reading sharpens rather than appears."""
+    """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum the
+    easiest for its first 30% (for the step rules to be read off them), then a ramp to 1."""
     length = cfg.input_curriculum * (cfg.steps or 0)
-    if step >= length:
-        return 1.0
-    return max(0.0, (step / length - 0.3) / 0.7)
+    return 1.0 if step >= length else max(0.0, (step / length - 0.3) / 0.7)
 
 
 def fixed_dataset(family, train_tasks, cfg, device):
@@ -349,9 +323,8 @@ def fixed_dataset(family, train_tasks, cfg, device):
 
 
 def get_batch(step, family, train_tasks, dataset, cfg, generator):
-    """Step's batch: fresh samples of uniformly drawn training tasks, or the rows of the fixed
-    dataset, each once an epoch in an order drawn from the seed and the epoch (the last partial
-    batch dropped), so that a resume finds the same order."""
+    """Step's batch: fresh samples of uniformly drawn training tasks, or the fixed dataset's rows,
+    each once an epoch in an order drawn from the seed and the epoch, so a resume finds it too."""
     if dataset is None:
         picks = torch.randint(0, len(train_tasks), (cfg.batch_size,), generator=generator,
                               device=train_tasks.device)
@@ -364,7 +337,6 @@ def get_batch(step, family, train_tasks, dataset, cfg, generator):
 
 @functools.lru_cache(maxsize=1)  # drawn once an epoch, not at every step
 def epoch_order(n, seed, epoch, device):
-    """The order of an epoch of the fixed dataset, drawn from the seed and the epoch alone."""
     seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
     return torch.randperm(n, device=device, generator=torch.Generator(device).manual_seed(seed))
 
@@ -382,9 +354,8 @@ def build_model(family, cfg):
 
 
 def make_optimizer(model, cfg, fused=None):
-    """AdamW. As nanoGPT: weight decay on matrices and embeddings, none on biases and LayerNorm
-    gains; with decay_all, on every parameter (torch's default, the authors' setup). fused: one
-    kernel for all parameters, on CUDA by default."""
+    """AdamW, decaying matrices and embeddings as nanoGPT (with decay_all, every parameter, as the
+    authors); fused (one kernel for all parameters) on CUDA by default."""
     fused = next(model.parameters()).device.type == "cuda" if fused is None else fused
     decayed = lambda p: cfg.decay_all or p.dim() >= 2
     groups = [dict(params=[p for p in model.parameters() if decayed(p) == on],
@@ -394,18 +365,12 @@ def make_optimizer(model, cfg, fused=None):
 
 # ----------------------------------------------------------------------------- the learning rate
 # Warmup, then a cosine decay to min_lr: over cfg.steps if given, else by rule: the lr holds until a
-# progress check (progress_check) finds the training tasks fitted, at decay_start, and decays over
+# progress check finds the training tasks fitted (progress["decay_start"]), then decays over
 # decay_fraction times the steps before it; training ends where the decay does (last_step).
 
-def decay_length(decay_start, cfg):
-    """By rule: the steps of the decay that starts at decay_start."""
-    return max(1, round(cfg.decay_fraction * decay_start))
-
-
-def latest_decay_start(cfg):
-    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
-    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
-    return max(1, checks) * cfg.eval_every
+def decay_end(start, cfg):
+    """By rule: where the decay that starts at step start ends."""
+    return start + max(1, round(cfg.decay_fraction * start))
 
 
 def last_step(cfg, progress):
@@ -416,18 +381,18 @@ def last_step(cfg, progress):
     start = progress["decay_start"]
     if cfg.steps or start is None:
         return cfg.steps or cfg.max_steps
-    return min(cfg.max_steps, start + decay_length(start, cfg))
+    return min(cfg.max_steps, decay_end(start, cfg))
 
 
 def learning_rate(step, cfg, decay_start=None):
-    """Linear warmup, then cosine decay to min_lr: over schedule_steps (or steps), or by rule, held
-    at lr until decay_start (when the training tasks were fitted), then over decay_length."""
+    """Linear warmup, then cosine decay to min_lr over schedule_steps (or steps), or by rule from
+    decay_start (when the training tasks were fitted) to decay_end."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.steps is None:
         if decay_start is None or step < decay_start:
             return cfg.lr
-        progress = (step - decay_start) / decay_length(decay_start, cfg)
+        progress = (step - decay_start) / (decay_end(decay_start, cfg) - decay_start)
     else:
         length = (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, length)
@@ -435,8 +400,7 @@ def learning_rate(step, cfg, decay_start=None):
 
 
 def autocast(device, precision="auto"):
-    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked; auto and fp32
-    are fp32 (auto allows TF32 matmuls on CUDA: train sets that)."""
+    """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, else fp32."""
     return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
                           dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -479,11 +443,6 @@ def save_checkpoint(path, model, optimizer, generator, progress, identity):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-# Settings that change how a run is scored or where it runs, not what it trains: a resume may
-# change them (eval_every too, unless it decides where training stops: by rule or with a target).
-EVALUATION_ONLY = ("eval_samples", "device")
-
-
 def read_checkpoint(path):
     """A checkpoint's dict, on the CPU (random states must stay there), or one clear error."""
     try:
@@ -491,9 +450,8 @@ def read_checkpoint(path):
     except Exception as error:  # truncated, empty or foreign: torch raises many kinds
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}); delete it "
                          "to start the run over")
-    needed = {"model", "optimizer", "generator", "generator_device", "torch_rng", "progress",
-              "identity"}
-    if not isinstance(state, dict) or not needed <= state.keys():
+    if not isinstance(state, dict) or not {"model", "optimizer", "generator", "generator_device",
+                                           "torch_rng", "progress", "identity"} <= state.keys():
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project; delete it to "
                          "start the run over")
     return state
@@ -506,11 +464,11 @@ def differences(saved, now, ignored=()):
 
 
 def load_checkpoint(path, identity, model, optimizer, generator, log):
-    """Restore a run saved by save_checkpoint into model, optimizer and generator, if it is the
-    same run (identity: its settings and split); returns its progress."""
+    """Restore a run into model, optimizer and generator if it is the same run (identity: its
+    settings and split), but for how it is scored and where it runs; returns its progress."""
     state = read_checkpoint(path)
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
-    ignored = EVALUATION_ONLY + ("eval_every",) * bool(fixed_length)
+    ignored = ("eval_samples", "device") + ("eval_every",) * bool(fixed_length)
     saved = {**asdict(Config()), **state["identity"]}  # a setting newer than it: the default
     differing = differences(saved, identity, ignored)
     if differing:
@@ -520,16 +478,17 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     for group in state["optimizer"]["param_groups"]:  # as this device's optimizer has it, so that
         group["fused"] = fused  # the step counters land where a fused AdamW needs them
     optimizer.load_state_dict(state["optimizer"])
+    step = state["progress"]["step"]
     if state["generator_device"] == generator.device.type:
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout's masks
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
     else:  # each device type has its own generator: draw the rest of the data from a new seed
-        generator.manual_seed(identity["seed"] + state["progress"]["step"])
+        generator.manual_seed(identity["seed"] + step)
         log(f"note: the checkpoint was written on {state['generator_device']}; the data from step "
-            f"{state['progress']['step']} on differ from an uninterrupted run's")
-    log(f"resumed from {path} at step {state['progress']['step']}")
+            f"{step} on differ from an uninterrupted run's")
+    log(f"resumed from {path} at step {step}")
     return state["progress"]
 
 
@@ -539,25 +498,28 @@ CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be
 STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
 
 
-def init(family, cfg, device):
-    """A fresh run's model, optimizer and data generator, drawn from the seed, on device."""
+def init(family, split, cfg, device, log):
+    """A fresh run's model, optimizer and data generator, drawn from the seed, on device; and a
+    description of the run: its model, tasks and step rule."""
     if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
         torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(family, cfg).to(device)
-    return model, make_optimizer(model, cfg), generator
-
-
-def describe(model, split, cfg):
-    """The run's model, tasks and step rule, as it prints them when it starts."""
     steps = (f"steps: {cfg.steps}, the lr decaying over them" if cfg.steps else
              f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
              f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
              f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
-    return (f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.block_size} tokens "
-            f"a sample, {len(split.train)} training tasks, {len(split.test)} unseen tasks of "
-            f"{split.n_total}\n{steps}")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{model.config.block_size} tokens a sample, {len(split.train)} training tasks, "
+        f"{len(split.test)} unseen tasks of {split.n_total}\n{steps}")
+    return model, make_optimizer(model, cfg), generator
+
+
+def latest_decay_start(cfg):
+    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
+    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
+    return max(1, checks) * cfg.eval_every
 
 
 def speed(cfg, model, progress, last):
@@ -570,10 +532,9 @@ def speed(cfg, model, progress, last):
 
 
 def progress_check(model, family, split, cfg, progress, last, lr):
-    """A progress evaluation, kept in progress; returns its line. Unseen-task exact match on fresh
-    samples (256, rounded up to whole tasks), and by rule, while the lr holds, the training tasks'
-    exact match, whose fit starts the decay. Its samples come from a generator seeded by the step,
-    apart from the training data's, so that evaluations never change what training sees."""
+    """Unseen-task exact match on 256 fresh samples, and by rule, while the lr holds, the training
+    tasks', whose fit starts the decay; kept in progress, and returned as a line. Its generator is
+    seeded by the step, apart from training's, so that evaluations never change what it sees."""
     step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
@@ -617,7 +578,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     """Train a fresh model (or resume a checkpoint of the same run: identity) on split.train.
     stop(step): True saves and stops; status gets a line every 15 s. Returns (model, stats)."""
     device = torch.device(cfg.device)
-    model, optimizer, generator = init(family, cfg, device)
+    model, optimizer, generator = init(family, split, cfg, device, log)
     tasks = torch.as_tensor(split.train, device=device)
     dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
     positions = answer_positions(family, cfg, device)
@@ -626,7 +587,6 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
     if resume:
         progress = load_checkpoint(resume, identity, model, optimizer, generator, log)
-    log(describe(model, split, cfg))
     step, start, t0 = progress["step"], dict(progress), time.time() - progress["wall_seconds"]
     last = dict(step=step, time=time.time(), save=time.time(), status=time.time(),
                 loss=torch.zeros((), device=device))
@@ -661,7 +621,8 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     seconds = max(1e-9, time.time() - t0 - start["wall_seconds"])
     return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
                        history=progress["history"], tokens_per_second=tokens / seconds,
-                       time_to_accuracy=progress["milestones"], n_parameters=model.num_params())
+                       time_to_accuracy=progress["milestones"],
+                       n_parameters=sum(p.numel() for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -671,10 +632,9 @@ EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about 
 
 @torch.no_grad()
 def score(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
-    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, scored
-    on the model's device. Returns (steps_right, teacher_forced): per sample, whether greedy
-    decoding got each answer step right, and (unless not asked: None) whether the argmax at every
-    answer position given the true prefix was right."""
+    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, on the
+    model's device: per sample, whether greedy decoding got each answer step right, and (unless
+    not asked: None) whether the argmax at every answer position given the true prefix was."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
@@ -696,12 +656,9 @@ def score(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
 
 
 def evaluate(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
-    """score, as numbers. exact_match_generated: greedy decoding of the whole answer;
-    exact_match_teacher_forced: argmax at every answer position given the true prefix. For the
-    whole answer the two are the same number (greedy decoding reproduces the answer exactly when
-    every teacher-forced argmax is right): the final evaluation keeps both as a check of the
-    decoder, progress checks only the first. Per step they differ: per_step is generated accuracy
-    of each answer step; per_task, exact match per task."""
+    """score, as numbers: exact match of the whole answer by greedy decoding, per answer step, per
+    task; and teacher-forced (the final evaluation's check of the decoder: for the whole answer
+    the two are the same number, as greedy decoding is exact where every argmax is right)."""
     steps_right, right_given_prefix = score(model, family, tasks, cfg, generator, n_samples,
                                             teacher_forced)
     generated = steps_right.all(1).float()
@@ -713,9 +670,8 @@ def evaluate(model, family, tasks, cfg, generator, n_samples, teacher_forced=Tru
 
 
 def final_evaluation(model, family, split, cfg):
-    """Fresh samples of the training tasks and of the unseen tasks, and apart: under an exclusion,
-    its in- and out-of-distribution unseen tasks; where training missed some (step, option) pairs,
-    the unseen tasks whose every pair it covered and those that use one it missed."""
+    """Training and unseen tasks; apart, the unseen tasks in and out of an exclusion's
+    distribution, and those whose every (step, option) pair was trained and the others."""
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
     groups = {"train_tasks": split.train, "unseen_tasks": split.test}
     if cfg.missing_coordinate or cfg.missing_pair:

@@ -1,10 +1,8 @@
 """A small GPT in one file, in the spirit of nanoGPT's model.py.
 
-GPT-2: pre-LayerNorm blocks, causal attention through scaled_dot_product_attention, a GELU MLP,
-learned absolute positions, a weight-tied head, and greedy decoding with a key/value cache.
-One optional piece, PackedInputs, is the input encoding of the CPU recipe (docs/recipe.md).
-Nothing in here knows about tasks: it maps token ids to logits.
-"""
+GPT-2: pre-LayerNorm blocks, causal attention (scaled_dot_product_attention), a GELU MLP, learned
+absolute positions, a tied head, greedy decoding with a key/value cache. PackedInputs (optional) is
+the CPU recipe's input encoding (docs/recipe.md). Nothing here knows about tasks: ids to logits."""
 
 import math
 from dataclasses import dataclass
@@ -78,10 +76,8 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of every layer for a batch being decoded, preallocated at the first call."""
-
     def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len = n_layer, max_len
-        self.keys = self.values = None
+        self.n_layer, self.max_len, self.keys, self.values = n_layer, max_len, None, None
         self.length = self.tokens = 0  # positions and tokens stored (a packed input: one position)
         self.last_input = self.last_position = None  # what the next packed chunk broadcasts/shifts
 
@@ -97,7 +93,7 @@ class KVCache:
 
 class PackedLayout(NamedTuple):
     """Where the tokens of a chunk go (PackedInputs.layout); index tensors on the model's device."""
-    is_input: torch.Tensor  # per token: part of an input
+    offset: torch.Tensor  # per token: its offset in its example (below input_len: an input's)
     slot: torch.Tensor  # per token: its position, counted from the chunk's first
     predicting: torch.Tensor  # tokens their position's output predicts (an input's last, answers)
     slot_example: torch.Tensor  # per position: its example
@@ -110,7 +106,6 @@ class PackedInputs(nn.Module):
     embedding per (offset, token), summed), broadcast through a learned map to the example's later
     positions; a position is (offset in its example) + (example index); with token_shift every
     position also gets a learned map of the previous position's embedding."""
-
     def __init__(self, config):
         super().__init__()
         assert 0 < config.input_len < config.example_len, (
@@ -124,27 +119,20 @@ class PackedInputs(nn.Module):
         self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
         self.layouts = {}  # by (start, length, device): a layout is computed once per shape
 
-    def init_maps(self):
-        # norm-preserving: what is broadcast or shifted in is as loud as the embedding it joins
-        for linear in (self.input_to_answers, self.token_shift):
-            if linear is not None:
-                nn.init.normal_(linear.weight, mean=0.0, std=1 / math.sqrt(self.config.n_embd))
-
     def layout(self, start, length, device):
-        """Where tokens start..start+length-1 go: arithmetic on token indices, done on the CPU
-        once per (start, length, device), then kept on the device."""
+        """Where tokens start..start+length-1 go, computed on the CPU once, kept on the device."""
         key = (start, length, str(device))
         if key not in self.layouts:
             E, P = self.config.example_len, self.config.input_len
-            offset = torch.arange(start, start + length) % E
-            slot = (torch.arange(start, start + length) // E * (E - P + 1)
-                    + (offset - P + 1).clamp(min=0))
+            index = torch.arange(start, start + length)
+            offset = index % E
+            slot = index // E * (E - P + 1) + (offset - P + 1).clamp(min=0)
             slot_example = (slot[0] + torch.arange(int(slot[-1] - slot[0]) + 1)) // (E - P + 1)
             slot = slot - slot[0]
             input_slots = slot[offset < P].unique_consecutive()
             broadcast_source = 2 + slot_example - slot_example[0] - int(offset[0] >= P)
             broadcast_source[input_slots] = 0
-            layout = (offset < P, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example,
+            layout = (offset, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example,
                       input_slots, broadcast_source)
             self.layouts[key] = PackedLayout(*(t.to(device) for t in layout))
         return self.layouts[key]
@@ -154,12 +142,9 @@ class PackedInputs(nn.Module):
         if cache is not None and 0 < start % self.config.example_len < self.config.input_len:
             raise ValueError("with packed inputs, a cached call may not start inside an input")
         layout = self.layout(start, idx.size(1), idx.device)
-        offset = (torch.arange(start, start + idx.size(1), device=idx.device)
-                  % self.config.example_len)
-        P, V = self.config.input_len, self.config.vocab_size
-        x = torch.where(
-            layout.is_input.unsqueeze(-1), self.wte_input(offset.clamp(max=P - 1) * V + idx),
-            wte(idx) + self.wpe(offset))
+        offset, P, V = layout.offset, self.config.input_len, self.config.vocab_size
+        x = torch.where((offset < P)[..., None], self.wte_input(offset.clamp(max=P - 1) * V + idx),
+                        wte(idx) + self.wpe(offset))
         packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(
             1, layout.slot, x)
         none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
@@ -177,8 +162,7 @@ class PackedInputs(nn.Module):
         return packed + self.wpe_example(layout.slot_example), layout
 
     def unpack(self, logits, layout):
-        """One row of logits per token from one per position: a position's go to the token it
-        predicts for; the other input tokens get zeros (the model does not predict inputs)."""
+        """Logits per token from those per position; input tokens that predict nothing get zeros."""
         unpacked = logits.new_zeros(logits.size(0), len(layout.slot), logits.size(-1))
         unpacked[:, layout.predicting] = logits[:, layout.slot[layout.predicting]]
         return unpacked
@@ -189,57 +173,52 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.input_len:
-            self.packed = PackedInputs(config)
-        else:
+        self.packed = PackedInputs(config) if config.input_len else None
+        if self.packed is None:
             assert not config.token_shift, "token_shift is part of PackedInputs"
-            self.packed = None
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by depth, so residual variance does not grow with it
+        # Initialised in this order: GPT-2's N(0, 0.02) weights, zero biases, N(0, embedding_std)
+        # embeddings (the tied head is one); residual projections scaled by depth (GPT-2), so that
+        # residual variance does not grow with it; PackedInputs' maps norm-preserving: what is
+        # broadcast or shifted in is as loud as the embedding it joins.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = (config.embedding_std
+                       if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if self.packed is not None:
-            self.packed.init_maps()
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            # the output head is the token embedding (tied), so it is initialised as one
-            std = (self.config.embedding_std
-                   if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name in ("packed.input_to_answers.weight", "packed.token_shift.weight"):
+                nn.init.normal_(p, mean=0.0, std=1 / math.sqrt(config.n_embd))
 
     def forward(self, idx, cache=None, last_only=False):
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with a cache, idx continues it;
-        last_only: the last token's only (B, 1, vocab_size), as cached decoding needs: the last
-        block then computes only the other positions' keys and values."""
-        start = cache.tokens if cache is not None else 0
-        if start + idx.size(1) > self.config.block_size:
-            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds block_size "
+        """Logits (B, T, vocab_size) for token ids idx (B, T), continuing the cache if one is given;
+        last_only: the last token's only (B, 1, vocab_size), as cached decoding needs."""
+        start, T = (cache.tokens if cache is not None else 0), idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
                              f"{self.config.block_size}")
         if self.packed is None:
-            x = self.wte(idx) + self.wpe(
-                torch.arange(start, start + idx.size(1), device=idx.device))
+            x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
             x, layout = self.packed(idx, start, self.wte, cache)
         x, n_positions = self.drop(x), x.size(1)
         for block in self.blocks:
             x = block(x, cache, last_only and block is self.blocks[-1])
         if cache is not None:
-            cache.length += n_positions
-            cache.tokens += idx.size(1)
-        if last_only:  # the last position predicts the last token's successor, packed or not
-            return self.lm_head(self.ln_f(x))
+            cache.length, cache.tokens = cache.length + n_positions, cache.tokens + T
         logits = self.lm_head(self.ln_f(x))
-        return logits if self.packed is None else self.packed.unpack(logits, layout)
+        # last_only: the last position predicts the last token's successor, packed or not
+        return logits if self.packed is None or last_only else self.packed.unpack(logits, layout)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, use_cache=True):
@@ -247,11 +226,7 @@ class GPT(nn.Module):
         step is the plain full forward: the reference the cached path must equal."""
         cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
         new_tokens, context = [], idx
-        for _ in range(max_new_tokens):
-            logits = self(context, cache, last_only=True) if use_cache else self(context)
-            new_tokens.append(logits[:, -1].argmax(dim=-1, keepdim=True))
+        for _ in range(max_new_tokens):  # without the cache, last_only=False: the plain forward
+            new_tokens.append(self(context, cache, use_cache)[:, -1].argmax(dim=-1, keepdim=True))
             context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
         return torch.cat(new_tokens, dim=1)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())

@@ -9,9 +9,11 @@ The method is arc.py; this file is what surrounds it: flags, presets, sweeps, re
 """
 
 import argparse
+import functools
 import inspect
 import json
 import os
+import pathlib
 import re
 import resource
 import signal
@@ -28,21 +30,12 @@ import arc
 from arc import Config, Interrupted
 from tasks import Arithmetic, SparseParity, Translation, make_batch
 
-
-def log(line):
-    print(line, flush=True)  # flushed, so that a run logging to a file can be followed
+log = functools.partial(print, flush=True)  # flushed: a run logging to a file can be followed
 
 
 def save_text(path, text):
     """Write a file atomically (arc.atomic_write), closed before it is renamed into place."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    arc.atomic_write(path, write)
-
-
-def save_json(path, data):
-    save_text(path, json.dumps(data, indent=1))
+    arc.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------- families and presets
@@ -50,6 +43,9 @@ def save_json(path, data):
 # Config's fields and the family's flags, checked by name (make_run).
 
 FAMILIES = {"parity": SparseParity, "arithmetic": Arithmetic, "translation": Translation}
+FAMILY_FLAGS = {name: {k: p.default for k, p in inspect.signature(family).parameters.items()}
+                for name, family in FAMILIES.items()}
+FIELDS = {f.name: f for f in fields(Config)}
 PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
     "parity": {},  # `python run.py`: 3 d ln d = 41 of the 210 ordered 3-tuples of 7 coordinates
     # no weight decay, 12 examples, and an input curriculum, without which add and sub are never
@@ -61,63 +57,33 @@ PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
                         embedding_std=0.02, token_shift=False, weight_decay=0.0, lr=3e-3,
                         batch_size=32, steps=800, eval_every=500),
 }
-FIELDS = {f.name: f for f in fields(Config)}
-
-
-def family_flags(name):
-    return {k: p.default for k, p in inspect.signature(FAMILIES[name]).parameters.items()}
 
 
 def make_run(name, overrides):
     """The family, Config and settings of `python run.py NAME` with overrides of its preset."""
-    values, own = {**PRESETS[name], **overrides}, family_flags(name)
-    unknown = sorted(values.keys() - own.keys() - FIELDS.keys())
+    values = {**PRESETS[name], **overrides}
+    unknown = sorted(values.keys() - FAMILY_FLAGS[name].keys() - FIELDS.keys())
     if unknown:
         raise ValueError(f"not a setting of {name}: {', '.join(unknown)}")
-    family = FAMILIES[name](**{k: values.get(k, v) for k, v in own.items()})
+    flags = {k: values.get(k, v) for k, v in FAMILY_FLAGS[name].items()}
+    family = FAMILIES[name](**flags)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
                     if k in FIELDS})
-    cfg.device = resolve_device(cfg.device)
+    # a device that exists here; auto: CUDA, else MPS, else the CPU
+    cuda, mps, device = torch.cuda.is_available(), torch.backends.mps.is_available(), cfg.device
+    if device == "auto":
+        cfg.device = "cuda" if cuda else "mps" if mps else "cpu"
+    elif not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    elif not {"cpu": True, "cuda": cuda, "mps": mps}[torch.device(device).type]:
+        raise ValueError(f"device {device!r} is not available on this machine")
+    elif (torch.device(device).index or 0) >= max(1, torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPUs")
     arc.check(cfg)
-    return family, cfg, dict(family=name, **{k: values.get(k, v) for k, v in own.items()})
-
-
-def resolve_device(name):
-    """A device that exists here; auto: CUDA, else MPS, else the CPU."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or auto")
-    if not {"cpu": True, "cuda": cuda, "mps": mps}[torch.device(name).type]:
-        raise ValueError(f"device {name!r} is not available on this machine")
-    if (torch.device(name).index or 0) >= max(1, torch.cuda.device_count()):
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPUs")
-    return name
+    return family, cfg, dict(family=name, **flags)
 
 
 # ----------------------------------------------------------------------------- one run
-
-def check_memory(family, cfg):
-    """Refuse a run that cannot fit in the device's memory, by a rough upper estimate: weights
-    with gradients and AdamW moments, a fixed dataset, and the larger of a training step's
-    activations and an evaluation batch's (one layer at a time) with the scores it collects."""
-    tokens, width = cfg.context_length * family.example_len(cfg.cot), cfg.width
-    weights = 16 * (12 * cfg.n_layers * width**2
-                    + (family.vocab_size * (1 + family.input_len) + tokens) * width)
-    per_sample = 4 * (20 * tokens * width + 2 * cfg.n_heads * tokens * tokens)
-    evaluation = (min(500, max(1, arc.EVAL_BATCH_TOKENS // tokens)) * per_sample
-                  + 16 * cfg.eval_samples * (tokens + 6))
-    needed = (weights + 8 * tokens * (cfg.n_train_total or 0)
-              + max(cfg.n_layers * cfg.batch_size * per_sample, evaluation))
-    device = torch.device(cfg.device)
-    available = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
-                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if needed > available:
-        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has "
-                         f"{available / 2**30:,.1f} GiB: lower --width, --n-layers, "
-                         "--context-length, --batch-size, --n-train-total or --eval-samples")
-
 
 def check_writable(path, flag):
     """Refuse an output file that could not be written, before training. Makes nothing."""
@@ -142,7 +108,24 @@ def prepare(name, values, out=None, save=None, resume=None):
     if cfg.n_train_total is not None and cfg.n_train_total < len(split.train):
         raise ValueError(f"n-train-total {cfg.n_train_total} is fewer than one sample for each "
                          f"of the {len(split.train)} training tasks")
-    check_memory(family, cfg)
+    # Memory, by a rough upper estimate: weights with gradients and AdamW moments, a fixed
+    # dataset, and the larger of a training step's activations and an evaluation batch's (one
+    # layer at a time) with the scores it collects.
+    tokens, width = cfg.context_length * family.example_len(cfg.cot), cfg.width
+    weights = 16 * (12 * cfg.n_layers * width**2
+                    + (family.vocab_size * (1 + family.input_len) + tokens) * width)
+    per_sample = 4 * (20 * tokens * width + 2 * cfg.n_heads * tokens * tokens)
+    evaluation = (min(500, max(1, arc.EVAL_BATCH_TOKENS // tokens)) * per_sample
+                  + 16 * cfg.eval_samples * (tokens + 6))
+    needed = (weights + 8 * tokens * (cfg.n_train_total or 0)
+              + max(cfg.n_layers * cfg.batch_size * per_sample, evaluation))
+    device = torch.device(cfg.device)
+    available = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if needed > available:
+        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has "
+                         f"{available / 2**30:,.1f} GiB: lower --width, --n-layers, "
+                         "--context-length, --batch-size, --n-train-total or --eval-samples")
     if resume and not os.path.isfile(resume):
         raise ValueError(f"--resume file {resume} does not exist")
     if out and (save or resume) and os.path.abspath(out) == os.path.abspath(save or resume):
@@ -154,27 +137,8 @@ def prepare(name, values, out=None, save=None, resume=None):
     return family, cfg, split, identity
 
 
-def provenance(cfg):
-    """What a result depends on beyond its settings: the code, torch, the machine, the memory."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    cuda = cfg.device.startswith("cuda")
-    peak = (torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cuda else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform ==
-                                                                 "darwin" else 2**10))
-    return dict(precision={"bf16": "bf16 autocast", "auto": "fp32, TF32 matmuls" if cuda else
-                           "fp32"}.get(cfg.precision, "fp32"), torch=torch.__version__,
-                git_commit=git("rev-parse", "HEAD") or None, threads=torch.get_num_threads(),
-                uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")),
-                device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
-                peak_memory_mb=peak)
-
-
-STOP = []  # the signals that asked the run under way to stop
-
-
 def run_one(name, values, out=None, save=None, resume=None):
-    """One run: split, train, evaluate, write the results JSON. Returns the results."""
+    """One run: split, train, evaluate, write the results JSON, print its table; the results."""
     out = out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     family, cfg, split, identity = prepare(name, values, out, save, resume)
     log(f"{name}: D={family.n_options}, T={family.n_steps}, {split.n_total} tasks, "
@@ -182,29 +146,40 @@ def run_one(name, values, out=None, save=None, resume=None):
     if split.uncovered:
         log(f"note: no training task has the (step, option) pairs {split.uncovered}; "
             f"{(split.test_uncovered > 0).sum()} of the {len(split.test)} unseen tasks use one, "
-            f"so the ARC theory promises {split.ceiling():.3f} on unseen tasks, not more")
-    STOP.clear()
-    handlers = {s: signal.signal(s, lambda signum, _: STOP.append(signum))
+            f"so the ARC theory promises {split.ceiling:.3f} on unseen tasks, not more")
+    stop = []  # the signals that asked the run to stop: it checkpoints, then raises Interrupted
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         model, results = arc.train(family, split, cfg, log, save or resume, resume, identity,
-                                   lambda step: bool(STOP), log if sys.stdout.isatty() else None)
+                                   lambda step: bool(stop), log if sys.stdout.isatty() else None)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    results = dict(config={k: v for k, v in identity.items() if not k.endswith("_tasks")},
-                   n_total_tasks=split.n_total, n_train_tasks=len(split.train),
-                   n_test_tasks=len(split.test), train_task_list=identity["train_tasks"],
-                   test_task_list=identity["test_tasks"], uncovered_step_options=split.uncovered,
-                   ceiling=split.ceiling(), **provenance(cfg), **results,
-                   **arc.final_evaluation(model, family, split, cfg))
-    save_json(out, results)
+    # what a result depends on beyond its settings: the code, torch, the machine, the memory
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    cuda = cfg.device.startswith("cuda")
+    precision = {"bf16": "bf16 autocast", "auto": "fp32, TF32 matmuls" if cuda else "fp32"}
+    peak = (torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cuda else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10))
+    results = dict(
+        config={k: v for k, v in identity.items() if not k.endswith("_tasks")},
+        n_total_tasks=split.n_total, n_train_tasks=len(split.train), n_test_tasks=len(split.test),
+        train_task_list=identity["train_tasks"], test_task_list=identity["test_tasks"],
+        uncovered_step_options=split.uncovered, ceiling=split.ceiling,
+        precision=precision.get(cfg.precision, "fp32"), torch=torch.__version__,
+        git_commit=git("rev-parse", "HEAD") or None, threads=torch.get_num_threads(),
+        uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")),
+        device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
+        peak_memory_mb=peak, **results, **arc.final_evaluation(model, family, split, cfg))
+    save_text(out, json.dumps(results, indent=1))
     log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step")
-    for group in (g for g in results if g.startswith(("train_tasks", "unseen_"))):
-        r = results[group]
-        log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}"
-            f"{r['exact_match_generated']:>11.3f}{r['exact_match_teacher_forced']:>16.3f}   "
-            + " ".join(f"{p:.3f}" for p in r["per_step"]))
+    for group, r in results.items():
+        if group.startswith(("train_tasks", "unseen_")):
+            log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}"
+                f"{r['exact_match_generated']:>11.3f}{r['exact_match_teacher_forced']:>16.3f}   "
+                + " ".join(f"{p:.3f}" for p in r["per_step"]))
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training "
         f"tokens/s; results in {out}")
     return results
@@ -226,7 +201,9 @@ PAPER = dict(PAPER_RECIPE, tuples="sorted")  # the paper's parity tasks are sort
 # The paper's scaling table: (d, k, training tasks, unseen-task exact match %), sorted tuples.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67),
                  (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
-SORTED_D10 = dict(d=10, k=3, tuples="sorted")
+SCALING_ROWS = [("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
+                for d, k, n, _ in PAPER_SCALING]
+N_TASKS = ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
 EXPERIMENTS = {
     "icl-vs-cot": dict(  # the paper's is Parity(10,2); on CPU the default's problem, both with
@@ -238,17 +215,13 @@ EXPERIMENTS = {
                for cot in (True, False)]),
     "n-tasks": dict(
         finding="E3: unseen-task accuracy rises steeply near D ln D training tasks.",
-        cpu=[("parity", dict(SORTED_D10, n_train_tasks=n))
-             for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")],
+        cpu=[("parity", dict(d=10, k=3, tuples="sorted", n_train_tasks=n)) for n in N_TASKS],
         paper=[("parity", dict(PAPER, d=d, k=3, n_train_tasks=n)) for d in (10, 15, 20)
-               for n in ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")]),
+               for n in N_TASKS]),
     "scaling": dict(  # cpu: the table's first two rows; long: all five
         finding="E2: at least 98% exact match on unseen tasks for every row of the table, "
                 "from about 3 d ln d training tasks.",
-        cpu=[("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
-             for d, k, n, _ in PAPER_SCALING[:2]],
-        long=[("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
-              for d, k, n, _ in PAPER_SCALING],
+        cpu=SCALING_ROWS[:2], long=SCALING_ROWS,
         paper=[("parity", dict(PAPER, d=d, k=k, n_train_tasks=str(n),
                                target_accuracy=round(acc / 100, 4)))
                for d, k, n, acc in PAPER_SCALING]),
@@ -256,8 +229,8 @@ EXPERIMENTS = {
         # that an exclusion removes; 2 d ln d = 46 training tasks from the rest
         finding="E4: a missing coordinate hurts the unseen tasks that use it (OOD); a missing "
                 "pair need not.",
-        cpu=[("parity", dict(SORTED_D10, n_train_tasks="2dlogd", n_test_tasks=60, **exclusion))
-             for exclusion in EXCLUSIONS],
+        cpu=[("parity", dict(d=10, k=3, tuples="sorted", n_train_tasks="2dlogd", n_test_tasks=60,
+                             **exclusion)) for exclusion in EXCLUSIONS],
         paper=[("parity", dict(PAPER, d=10, k=3, n_train_tasks="2dlogd", n_test_tasks=60,
                                **exclusion)) for exclusion in EXCLUSIONS]),
     "context-length": dict(  # the paper's N is 10 to 40 at d = 15, k = 3 and 4; on CPU the
@@ -296,21 +269,10 @@ def experiment_runs(experiment, preset, seeds):
             for family, overrides in runs for seed in range(seeds)]
 
 
-def check_finished(path, identity):
-    """Refuse a results file that a sweep would skip as done but that other settings made."""
-    if os.path.exists(path):
-        saved = json.load(open(path))["config"]
-        now = {k: v for k, v in identity.items() if not k.endswith("_tasks")}
-        differing = arc.differences(saved, now, ignored=("device",))
-        if differing:
-            raise ValueError(f"{path} holds a run with other settings (saved, now): "
-                             f"{differing}; move it away or give another --out")
-
-
 def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, shard=None,
                    list_runs=False):
     """The preset's runs (with shard I/N, every N-th from the I-th), skipping finished ones and
-    resuming half-finished ones; then a summary of every finished run in the folder, so that
+    resuming half-finished ones; then the summary of every finished run in the folder, so that
     shards run anywhere add up to one summary. Returns the finished runs' results."""
     out = out or os.path.join("out", experiment, preset)
     match = re.fullmatch(r"(\d+)/(\d+)", shard or "1/1")
@@ -325,7 +287,13 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
     check_writable(os.path.join(out, "summary.json"), "out")
     for name, family, overrides, seed in runs:  # every run is checked before any trains
         identity = prepare(family, dict(overrides, seed=seed, device=device))[3]
-        check_finished(os.path.join(out, name + ".json"), identity)
+        path = os.path.join(out, name + ".json")  # skipped below when finished: refuse a stale one
+        now = {k: v for k, v in identity.items() if not k.endswith("_tasks")}
+        differing = os.path.exists(path) and arc.differences(json.load(open(path))["config"], now,
+                                                             ignored=("device",))
+        if differing:
+            raise ValueError(f"{path} holds a run with other settings (saved, now): "
+                             f"{differing}; move it away or give another --out")
     for name, family, overrides, seed in mine:
         path = os.path.join(out, name)
         if os.path.exists(path + ".json"):
@@ -344,16 +312,7 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
                     path + ".pt", resume)
         except Interrupted as stop:  # an experiment resumes its runs by itself
             raise Interrupted(stop.step, stop.path, resume="the same command") from None
-    paths = [(family, overrides, os.path.join(out, name + ".json")) for name, family, overrides, _
-             in runs]
-    done = [(family, overrides, json.load(open(path))) for family, overrides, path in paths
-            if os.path.exists(path)]
-    if done:
-        save_json(os.path.join(out, "summary.json"), [result for *_, result in done])
-        lines = summary(experiment, preset, done) + ["", plot(experiment, done, out)]
-        save_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
-        log("\n".join(lines))
-    return [result for *_, result in done]
+    return write_summary(experiment, preset, runs, out)
 
 
 def over_seeds(values, digits=3):
@@ -371,12 +330,17 @@ def by_configuration(done):
     return groups
 
 
-def summary(experiment, preset, done):
-    """The experiment's table, a row per configuration, under the paper's finding."""
-    finding = EXPERIMENTS[experiment]["finding"]
-    lines = [f"# {experiment}, preset {preset}", "", f"Paper: {finding}", "",
-             "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered / "
-             "uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
+def write_summary(experiment, preset, runs, out):
+    """Every finished run in the folder into summary.json, and summary.md: the paper's finding,
+    a row per configuration, the plot. Returns the finished runs' results."""
+    done = [(family, overrides, json.load(open(path))) for name, family, overrides, _ in runs
+            if os.path.exists(path := os.path.join(out, name + ".json"))]
+    if not done:
+        return []
+    save_text(os.path.join(out, "summary.json"), json.dumps([r for *_, r in done], indent=1))
+    lines = [f"# {experiment}, preset {preset}", "", f"Paper: {EXPERIMENTS[experiment]['finding']}",
+             "", "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered "
+             "/ uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
     for (family, overrides), group in by_configuration(done).items():
         first, config, notes = group[0], group[0]["config"], []
         match = lambda name: over_seeds([r[name]["exact_match_generated"] for r in group
@@ -404,12 +368,14 @@ def summary(experiment, preset, done):
             match("train_tasks"), covered, over_seeds([r["ceiling"] for r in group]),
             over_seeds([r["wall_seconds"] / 60 for r in group], 1),
             over_seeds([r["wall_seconds"] / r["steps"] for r in group]), "; ".join(notes)]) + " |")
-    return lines
+    lines += ["", plot(experiment, done, out)]
+    save_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
+    log("\n".join(lines))
+    return [r for *_, r in done]
 
 
 def plot(experiment, done, out):
-    """Each run's unseen-task exact match over training into out/summary.png, where matplotlib
-    is installed; a line for the summary either way."""
+    """Unseen-task exact match over training (seed 0) into OUT/summary.png; its summary line."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no screen
@@ -432,53 +398,51 @@ def plot(experiment, done, out):
 
 
 def run_all(preset, seeds=1, device="auto", out="out"):
-    """Every experiment that has the preset, one after another (finished runs are skipped),
-    then one report: each experiment's table under the paper's finding, and its plot."""
-    check_writable(os.path.join(out, f"report-{preset}.md"), "out")
-    sections, seconds = [f"# The paper's experiments, preset {preset}", ""], 0.0
+    """Every experiment that has the preset (finished runs skipped), then one report of them."""
+    report, seconds = os.path.join(out, f"report-{preset}.md"), 0.0
+    check_writable(report, "out")
+    sections = [f"# The paper's experiments, preset {preset}", ""]
     for experiment in (e for e, presets in EXPERIMENTS.items() if preset in presets):
         folder = os.path.join(experiment, preset)
         results = run_experiment(experiment, preset, seeds, device, os.path.join(out, folder))
         seconds += sum(r["wall_seconds"] for r in results)
-        with open(os.path.join(out, folder, "summary.md")) as f:
-            sections += ["#" + f.read().replace("](summary.png)", f"]({folder}/summary.png)"), ""]
+        summary = pathlib.Path(out, folder, "summary.md").read_text()
+        sections += ["#" + summary.replace("](summary.png)", f"]({folder}/summary.png)"), ""]
     sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
-    save_text(os.path.join(out, f"report-{preset}.md"), "\n".join(sections) + "\n")
-    log(f"\nreport written to {os.path.join(out, f'report-{preset}.md')}")
+    save_text(report, "\n".join(sections) + "\n")
+    log(f"\nreport written to {report}")
 
 
 # ----------------------------------------------------------------------------- benchmark, GPU check
 
-def timed(fn, device, repeats):
-    """Seconds per call of fn, after a warm-up call, waiting for the device at the ends only."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    fn(), sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     """Training (in each precision), cached decoding and data generation, timed."""
     device, generator = torch.device(cfg.device), torch.Generator(cfg.device).manual_seed(0)
+    sync = lambda: device.type == "cuda" and torch.cuda.synchronize(device)
+
+    def timed(fn):  # seconds per call after a warm-up call, waiting for the device at the ends
+        fn(), sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / repeats
+
     model = arc.build_model(family, cfg).to(device)
     optimizer, positions = arc.make_optimizer(model, cfg), arc.answer_positions(family, cfg, device)
-    ranks = [r % family.universe.size for r in range(cfg.batch_size)]
-    tasks = torch.as_tensor(family.universe.tuples(ranks), device=device)
+    tasks = torch.as_tensor(family.universe.tuples(
+        [r % family.universe.size for r in range(cfg.batch_size)]), device=device)
     batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
     step = {p: timed(lambda: arc.train_step(model, optimizer, batch.tokens, positions,
-                                            cfg.grad_clip, p), device, repeats) for p in precisions}
+                                            cfg.grad_clip, p)) for p in precisions}
     prefix, n = batch.tokens[:, :-batch.answer_len], batch.answer_len
     model.eval()
-    cached = timed(lambda: model.generate(prefix, n), device, repeats)
-    recomputed = timed(lambda: model.generate(prefix, n, use_cache=False), device, repeats)
+    cached = timed(lambda: model.generate(prefix, n))
+    recomputed = timed(lambda: model.generate(prefix, n, use_cache=False))
     tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
-    data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator), device,
-                 repeats)
+    data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator))
     return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
-                n_parameters=model.num_params(), train_step_seconds=step,
+                n_parameters=sum(p.numel() for p in model.parameters()), train_step_seconds=step,
                 generate_tokens_per_second=prefix.size(0) * n / cached,
                 generate_speedup_vs_recompute=recomputed / cached,
                 generate_cached_equals_recompute=torch.equal(
@@ -488,10 +452,11 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
 
 def run_bench(device="auto", out=None):
     """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
-    results = dict(device=resolve_device(device), torch=torch.__version__,
+    runs = {name: make_run("parity", dict(overrides, device=device))[:2]
+            for name, overrides in (("paper", dict(PAPER, d=15, k=3)), ("cpu_default", {}))}
+    results = dict(device=runs["paper"][1].device, torch=torch.__version__,
                    threads=torch.get_num_threads())
-    for name, overrides in (("paper", dict(PAPER, d=15, k=3)), ("cpu_default", {})):
-        family, cfg, _ = make_run("parity", dict(overrides, device=device))
+    for name, (family, cfg) in runs.items():
         if cfg.device.startswith("cuda"):
             torch.set_float32_matmul_precision("high")  # as training has it
         r = results[name] = benchmark(family, cfg)
@@ -503,27 +468,26 @@ def run_bench(device="auto", out=None):
             f"{r['generate_cached_equals_recompute']}); data {r['data_samples_per_second']:,.0f} "
             "samples/s")
     if out:
-        save_json(out, results)
+        save_text(out, json.dumps(results, indent=1))
     return results
 
 
 def gpu_check(out="out/gpu-check"):
-    """Check and time this machine's GPU in at most 5 minutes: the CUDA tests, the CPU default,
-    the benchmark, the (10, 5) scaling row and 2,000 steps of the paper preset, each stage with
-    a time limit of its own, out/gpu-check.json rewritten after each (a cut-off check reports)."""
+    """Check and time this machine's GPU in at most 5 minutes, in stages with a time limit each,
+    OUT/gpu-check.json rewritten after each stage (so that a cut-off check still reports)."""
     if not torch.cuda.is_available():
         raise ValueError("no CUDA GPU here: gpu-check checks and times one")
     out, here = os.path.abspath(out), os.path.dirname(os.path.abspath(__file__))
-    run = lambda overrides: [sys.executable, "run.py", "parity", *words(overrides, "--"),
-                             "--out", os.path.join(out, "run.json")]
-    stages = [("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda"], 75),
+    path, python = os.path.join(out, "run.json"), sys.executable
+    run = lambda overrides: [python, "run.py", "parity", *words(overrides, "--"), "--out", path]
+    stages = [("CUDA tests", [python, "-m", "pytest", "-q", "-rs", "-k", "cuda"], 75),
               ("python run.py", run({}), 75),
-              ("benchmark", [sys.executable, "run.py", "bench", "--out", f"{out}/run.json"], 45),
+              ("benchmark", [python, "run.py", "bench", "--out", path], 45),
               ("scaling row (10, 5)", run(EXPERIMENTS["scaling"]["cpu"][0][1]), 60),
               ("paper preset", run(dict(PAPER, d=15, k=3, steps=2000, eval_every=1000)), 45)]
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, stages={})
     for stage, command, limit in stages:
-        start, path = time.time(), os.path.join(out, "run.json")
+        start = time.time()
         os.path.exists(path) and os.remove(path)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=here)
@@ -531,12 +495,11 @@ def gpu_check(out="out/gpu-check"):
         except subprocess.TimeoutExpired as cut:
             outcome = dict(exit=f"cut off after {limit} s", output=str(cut.stdout)[-1500:])
         outcome["seconds"] = round(time.time() - start, 1)
-        if os.path.exists(path):
-            outcome["result"] = {k: v for k, v in json.load(open(path)).items()
-                                 if k in ("unseen_tasks", "paper")
-                                 or not isinstance(v, (list, dict))}
+        if os.path.exists(path):  # the stage's results, less their long lists and tables
+            outcome["result"] = {k: v for k, v in json.load(open(path)).items() if k in (
+                "unseen_tasks", "paper") or not isinstance(v, (list, dict))}
         report["stages"][stage] = outcome
-        save_json(os.path.join(out, "gpu-check.json"), report)
+        save_text(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
         log(f"{stage}: exit {outcome['exit']} in {outcome['seconds']} s")
 
 
@@ -544,31 +507,9 @@ def gpu_check(out="out/gpu-check"):
 
 FLAG_GROUPS = {"n_train_tasks": "the split", "context_length": "the data", "n_layers": "the model",
                "lr": "the optimization", "eval_every": "the evaluation", "device": "the machine"}
-
-
-def add_run_flags(parser, name):
-    """The family's flags (its constructor's keywords), then one per Config field, its help the
-    field's doc, each group under a heading; the defaults are the family's preset."""
-    group = parser.add_argument_group(f"the {name} family")
-    for flag, default in family_flags(name).items():
-        many = isinstance(default, tuple)
-        group.add_argument("--" + flag.replace("_", "-"), default=default, nargs="+" if many
-                           else None, type=str if many else type(default),
-                           help=FAMILIES[name].FLAGS[flag])
-    for field in fields(Config):
-        group = parser.add_argument_group(FLAG_GROUPS.get(field.name)) \
-            if field.name in FLAG_GROUPS else group
-        extra = {k: v for k, v in field.metadata.items() if k != "doc"}
-        if field.type is bool:
-            extra["action"] = argparse.BooleanOptionalAction
-        else:
-            extra.update(dict(type=int, nargs=2) if field.type is tuple else dict(type=field.type))
-        group.add_argument("--" + field.name.replace("_", "-"), help=field.metadata["doc"],
-                           default=PRESETS[name].get(field.name, field.default), **extra)
-    group = parser.add_argument_group("the outputs")
-    group.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
-    group.add_argument("--save", help="checkpoint file, written every two minutes and at the end")
-    group.add_argument("--resume", help="continue from this checkpoint, of the same settings")
+PRESET_HELP = dict(cpu="the CPU recipe at sizes a 2-core CPU runs in minutes to hours",
+                   long="all five rows of the scaling table on the CPU recipe",
+                   paper="the authors' sizes and hyperparameters (a GPU)")
 
 
 def build_parser():
@@ -576,32 +517,48 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="command")
-    add = lambda name, help, **more: commands.add_parser(name, help=help, allow_abbrev=False,
-                                                         **more)
-    for name in FAMILIES:
-        add_run_flags(add(name, f"train and evaluate on the {name} family",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter), name)
-    presets = dict(cpu="the CPU recipe at sizes a 2-core CPU runs in minutes to hours",
-                   long="all five rows of the scaling table on the CPU recipe",
-                   paper="the authors' sizes and hyperparameters (a GPU)")
+    add = lambda name, help, **kw: commands.add_parser(name, help=help, allow_abbrev=False, **kw)
+    for name in FAMILIES:  # the family's flags, then Config's fields, under headings
+        sub = add(name, f"train and evaluate on the {name} family",
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        group = sub.add_argument_group(f"the {name} family")
+        for flag, default in FAMILY_FLAGS[name].items():
+            many = isinstance(default, tuple)
+            group.add_argument("--" + flag.replace("_", "-"), default=default,
+                               nargs="+" if many else None, type=str if many else type(default),
+                               help=FAMILIES[name].FLAGS[flag])
+        for field in fields(Config):  # help: the field's doc; default: the family's preset
+            if field.name in FLAG_GROUPS:
+                group = sub.add_argument_group(FLAG_GROUPS[field.name])
+            extra = {k: v for k, v in field.metadata.items() if k != "doc"} | (
+                dict(action=argparse.BooleanOptionalAction) if field.type is bool else
+                dict(type=int, nargs=2) if field.type is tuple else dict(type=field.type))
+            group.add_argument("--" + field.name.replace("_", "-"), help=field.metadata["doc"],
+                               default=PRESETS[name].get(field.name, field.default), **extra)
+        group = sub.add_argument_group("the outputs")
+        group.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
+        group.add_argument("--save",
+                           help="checkpoint file, written every two minutes and at the end")
+        group.add_argument("--resume", help="continue from this checkpoint, of the same settings")
     for name in [*EXPERIMENTS, "all"]:
-        choices = list(presets) if name == "all" else [p for p in EXPERIMENTS[name] if p in presets]
-        sub = add(name, "every experiment that has the preset, then one report" if name == "all"
+        every = name == "all"
+        choices = [p for p in PRESET_HELP if every or p in EXPERIMENTS[name]]
+        sub = add(name, "every experiment that has the preset, then one report" if every
                   else f"the paper's {name} experiment: every run of a preset, then a summary")
         sub.add_argument("--preset", choices=choices, default="cpu",
-                         help="; ".join(f"{p}: {presets[p]}" for p in choices))
+                         help="; ".join(f"{p}: {PRESET_HELP[p]}" for p in choices))
         sub.add_argument("--seeds", type=int, default=1, help="every run with seeds 0..N-1")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
-        sub.add_argument("--out", default="out" if name == "all" else None, help=(
-            "folder of every experiment's runs and the report (default: out)" if name == "all" else
+        sub.add_argument("--out", default="out" if every else None, help=(
+            "folder of every experiment's runs and the report (default: out)" if every else
             "folder of the runs' JSON, checkpoints and summary (default: out/EXPERIMENT/PRESET)"))
-        if name != "all":
+        if not every:
             sub.add_argument("--list", action="store_true", help="print each run's name, and stop")
             sub.add_argument("--shard", metavar="I/N", help="run only every N-th run from the "
                              "I-th; the summary covers every finished run in the folder")
-    add("bench", "time training, decoding and data generation").add_argument("--device",
-                                                                             default="auto")
-    commands.choices["bench"].add_argument("--out", help="also write the figures to this JSON")
+    bench = add("bench", "time training, decoding and data generation")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--out", help="also write the figures to this JSON")
     add("gpu-check", "check and time a GPU in at most 5 minutes, into one JSON").add_argument(
         "--out", default="out/gpu-check", help="folder of gpu-check.json and its runs")
     return parser
@@ -616,7 +573,7 @@ def main(argv=None):
     try:
         if args.command in FAMILIES:
             run_one(args.command, {k: v for k, v in vars(args).items() if k in FIELDS or k in
-                                   family_flags(args.command)}, args.out, args.save, args.resume)
+                                   FAMILY_FLAGS[args.command]}, args.out, args.save, args.resume)
         elif args.command in EXPERIMENTS:
             run_experiment(args.command, args.preset, args.seeds, args.device, args.out,
                            args.shard, args.list)
@@ -626,10 +583,8 @@ def main(argv=None):
             run_bench(args.device, args.out) if args.command == "bench" else gpu_check(args.out)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"error: {error}\n")
-    except Interrupted as stop:
-        parser.exit(130, f"{stop}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "interrupted\n")
+    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C in training, or outside it
+        parser.exit(130, f"{stop if isinstance(stop, Interrupted) else 'interrupted'}\n")
 
 
 if __name__ == "__main__":

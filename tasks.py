@@ -5,9 +5,6 @@ each theta_t an option index in 0..D-1. A family says which tuples are its tasks
 universe, indexed by rank and never listed), how an input x is drawn, and how each answer step
 y_t follows from (x, y_<t, theta_t). Everything else (the sequence of N examples, chain of
 thought or answer only, the loss mask) is `make_batch`, written once for every family.
-
-Samplers are vectorized: a whole batch of tasks becomes a batch of sequences in a few
-tensor operations, generated directly on the training device.
 """
 
 import math
@@ -20,32 +17,22 @@ SEPARATOR = "<sep>"
 
 
 # ----------------------------------------------------------------------------- task universes
-# A universe is every tuple (theta_1..theta_T) of a family, indexed, never listed: rank r in
-# 0..size-1 <-> tuple, in Python integers, so that even C(100, 50) tasks cost nothing until drawn.
-
 
 class TaskUniverse:
-    """Tuples of T = k steps, each one of D = n options. Subclasses give the size, the
-    rank <-> tuple bijection, and how many tuples fix one step and avoid some options."""
+    """Every tuple (theta_1..theta_T) of a family, T = k steps of D = n options each, indexed and
+    never listed: rank r in 0..size-1 <-> tuple, in Python integers, so that even C(100, 50) tasks
+    cost nothing until drawn. Subclasses give the bijection (rank, unrank) and count(fixed=None,
+    avoid=()): how many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no
+    option of the set avoid, what exclusions are counted with, by inclusion and exclusion."""
 
     def __init__(self, n, k):
         self.n, self.k = n, k
+        self.size = self.count()  # how many tuples there are
 
-    def count(self, fixed=None, avoid=()):
-        """How many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no option
-        of the set avoid: what exclusions are counted with, by inclusion and exclusion."""
-        raise NotImplementedError
-
-    @property
-    def size(self):
-        return self.count()
-
-    def options(self, t):
-        """The options step t (0-based) takes in some tuple."""
+    def options(self, t):  # the options step t (0-based) takes in some tuple
         return range(self.n)
 
-    def tuples(self, ranks):
-        """The tuples of ranks, as an int array (len(ranks), T)."""
+    def tuples(self, ranks):  # the tuples of ranks, as an int array (len(ranks), T)
         return np.array([self.unrank(r) for r in ranks], dtype=np.int64).reshape(-1, self.k)
 
 
@@ -116,66 +103,45 @@ class AllTuples(TaskUniverse):
         return free ** (self.k - 1) if fixed[1] not in avoid else 0
 
     def rank(self, task):
-        r = 0
-        for option in task:
-            r = r * self.n + option
-        return r
+        return sum(option * self.n ** i for i, option in enumerate(reversed(task)))
 
     def unrank(self, r):
-        task = []
-        for _ in range(self.k):
-            r, option = divmod(r, self.n)
-            task.append(option)
-        return tuple(reversed(task))
+        return tuple(r // self.n ** i % self.n for i in reversed(range(self.k)))
 
 
 # ----------------------------------------------------------------------------- families
 
-class ARCFamily:
-    """The interface every family implements.
+def check(rules):
+    """Refuse a family's settings with the error of the first (holds, error) rule they break."""
+    for holds, error in rules:
+        if not holds:
+            raise ValueError(error)
 
-    Subclasses set in __init__: `name`, `universe` (a TaskUniverse of D options and T steps),
-    `input_len` (tokens of one input x), `n_answer_steps` and `tokens_per_step` (the answer
-    with chain of thought is n_answer_steps x tokens_per_step tokens; without it, the last
-    step's tokens only), and call `super().__init__(tokens)` with their vocabulary. They
-    implement `sample`. Their constructor's keyword arguments are the family's command-line
-    flags, with their defaults; FLAGS gives each one's meaning.
-    """
+
+class ARCFamily:
+    """The interface every family implements. Subclasses set in __init__: `name`, `universe` (a
+    TaskUniverse of D = n_options options and T = n_steps steps), `input_len` (tokens of one input
+    x), `n_answer_steps` and `tokens_per_step` (the answer with chain of thought is
+    n_answer_steps x tokens_per_step tokens; without it, the last step's tokens only), and call
+    `super().__init__(tokens)` with their vocabulary. Their constructor's keyword arguments are the
+    family's command-line flags, with their defaults; FLAGS gives each one's meaning. They
+    implement sample(tasks, n_examples, generator, difficulty=1.0): for tasks (B, T), token ids
+    (B, n_examples, input_len) of fresh inputs and (B, n_examples, n_answer_steps,
+    tokens_per_step) of their answers, on tasks' device, in a few batched tensor operations.
+    difficulty in [0, 1], for training curricula: 1 is the family's input distribution, the only
+    one evaluation uses; a family with easier inputs draws them below 1 (the easiest at 0), one
+    without ignores it."""
     FLAGS = {}
 
     def __init__(self, tokens):
         self.tokens = list(tokens) + [SEPARATOR]  # the separator is a token of its own
-        if len(set(self.tokens)) != len(self.tokens):
-            raise ValueError(f"{self.name}: vocabulary has repeated tokens")
-        self.separator_id = len(self.tokens) - 1
-
-    @property
-    def vocab_size(self):
-        return len(self.tokens)
-
-    @property
-    def n_options(self):
-        return self.universe.n
-
-    @property
-    def n_steps(self):
-        return self.universe.k
-
-    def sample(self, tasks, n_examples, generator, difficulty=1.0):
-        """Draw n_examples fresh inputs for each task of tasks (B, T), a long tensor.
-
-        difficulty in [0, 1], for training curricula: 1 is the family's input distribution, the
-        only one evaluation uses; a family with easier inputs draws them below 1 (the easiest at 0),
-        one without ignores it.
-
-        Returns (inputs, answers): token ids of shape (B, n_examples, input_len) and
-        (B, n_examples, n_answer_steps, tokens_per_step), on tasks' device.
-        """
-        raise NotImplementedError
+        check([(len(set(self.tokens)) == len(self.tokens),
+                f"{self.name}: vocabulary has repeated tokens")])
+        self.vocab_size, self.separator_id = len(self.tokens), len(self.tokens) - 1
+        self.n_options, self.n_steps = self.universe.n, self.universe.k
 
     def example_len(self, cot):
-        answer_steps = self.n_answer_steps if cot else 1
-        return self.input_len + 1 + answer_steps * self.tokens_per_step
+        return self.input_len + 1 + (self.n_answer_steps if cot else 1) * self.tokens_per_step
 
     def decode(self, ids):
         return " ".join(self.tokens[i] for i in ids)
@@ -190,47 +156,33 @@ class Batch:
 
 
 def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
-    """N examples of each task, concatenated: input tokens, separator, answer tokens.
-
-    With cot the answer is every step y_1..y_T; without, only the last step y_T.
-    The last example is the query that evaluation scores. difficulty: see ARCFamily.sample.
-    """
+    """N examples of each task, concatenated: input tokens, separator, answer tokens. With cot the
+    answer is every step y_1..y_T; without, only the last step y_T. The last example is the query
+    that evaluation scores. difficulty: see ARCFamily."""
     inputs, answers = family.sample(tasks, n_examples, generator, difficulty)
-    if not cot:
-        answers = answers[:, :, -1:]
-    answers = answers.flatten(2)
-    B, N, _ = inputs.shape
-    separator = inputs.new_full((B, N, 1), family.separator_id)
+    answers = (answers if cot else answers[:, :, -1:]).flatten(2)
+    separator = torch.full_like(inputs[:, :, :1], family.separator_id)
     tokens = torch.cat([inputs, separator, answers], dim=2)
     is_answer = torch.arange(tokens.size(2), device=tokens.device) > inputs.size(2)
-    return Batch(
-        tokens=tokens.flatten(1),
-        answer_mask=is_answer.repeat(N),
-        answer_len=answers.size(2),
-        tokens_per_step=family.tokens_per_step,
-    )
+    return Batch(tokens.flatten(1), is_answer.repeat(n_examples), answers.size(2),
+                 family.tokens_per_step)
 
 
 class SparseParity(ARCFamily):
     """x uniform in {0,1}^d; theta = k distinct coordinates; y_t = x_theta1 xor ... xor x_thetat.
-
     Sorted tuples (C(d,k) tasks, the paper's) or ordered ones (d!/(d-k)! tasks), the chain of
-    thought then following the tuple's order.
-    """
+    thought then following the tuple's order."""
     FLAGS = dict(d="input length: x is uniform in {0,1}^d; D = d options per step",
                  k="secret coordinates per task: the answer is the parity of k bits; T = k steps",
                  tuples="sorted: the paper's tasks, C(d,k) of them; ordered: d!/(d-k)!, the chain "
                         "of thought following the tuple's order")
 
     def __init__(self, d=7, k=3, tuples="ordered"):
-        if d < 1:
-            raise ValueError(f"d must be at least 1, got {d}")
-        if not 1 <= k <= d:
-            raise ValueError(f"k must be between 1 and d={d}, got {k}")
-        if tuples not in ("sorted", "ordered"):
-            raise ValueError(f"tuples must be sorted or ordered, got {tuples!r}")
-        self.name = "parity"
-        self.d, self.k = d, k
+        check([(d >= 1, f"d must be at least 1, got {d}"),
+               (1 <= k <= d, f"k must be between 1 and d={d}, got {k}"),
+               (tuples in ("sorted", "ordered"),
+                f"tuples must be sorted or ordered, got {tuples!r}")])
+        self.name, self.d, self.k = "parity", d, k
         self.universe = OrderedTuples(d, k) if tuples == "ordered" else SortedTuples(d, k)
         self.input_len, self.n_answer_steps, self.tokens_per_step = d, k, 1
         super().__init__(["0", "1"])  # token id == bit value
@@ -239,50 +191,38 @@ class SparseParity(ARCFamily):
         B = tasks.size(0)
         x = torch.randint(0, 2, (B, n_examples, self.d), generator=generator, device=tasks.device)
         chosen = x.gather(2, tasks[:, None, :].expand(B, n_examples, self.k))
-        prefix_parities = chosen.cumsum(dim=2) % 2
-        return x, prefix_parities.unsqueeze(3)
+        return x, (chosen.cumsum(dim=2) % 2).unsqueeze(3)  # the prefix parities
 
 
-ARITHMETIC_OPS = {
-    "add": lambda a, b, p: (a + b) % p,
-    "sub": lambda a, b, p: (a - b) % p,
-    "mul": lambda a, b, p: (a * b) % p,
-    "max": lambda a, b, p: torch.maximum(a, b),
-    "min": lambda a, b, p: torch.minimum(a, b),
-    "absdiff": lambda a, b, p: (a - b).abs(),
-}
+ARITHMETIC_OPS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
+                  "mul": lambda a, b, p: (a * b) % p, "max": lambda a, b, p: torch.maximum(a, b),
+                  "min": lambda a, b, p: torch.minimum(a, b),
+                  "absdiff": lambda a, b, p: (a - b).abs()}
 
 
 class Arithmetic(ARCFamily):
     """x = (x_0..x_T) uniform in Z_p^(T+1); theta_t is one of D binary operations;
     y_0 = x_0 and y_t = op_theta_t(y_{t-1}, x_t) mod p. Tokens are the residues 0..p-1."""
-
     FLAGS = dict(ops=f"the D operations a step chooses from, of: {' '.join(ARITHMETIC_OPS)}",
                  steps_per_task="T: operations applied one after another",
                  modulus="p: inputs and answers are residues mod p")
 
     def __init__(self, ops=("add", "sub", "mul"), steps_per_task=6, modulus=10):
-        n_steps = steps_per_task
-        unknown = [op for op in ops if op not in ARITHMETIC_OPS]
-        if unknown or not ops:
-            raise ValueError(f"unknown operation(s) {unknown or ops}: "
-                             f"choose from {' '.join(ARITHMETIC_OPS)}")
-        if len(set(ops)) != len(ops):
-            raise ValueError(f"operations repeat: {' '.join(ops)}")
-        if n_steps < 1:
-            raise ValueError(f"steps-per-task must be at least 1, got {n_steps}")
-        if modulus < 2:
-            raise ValueError(f"modulus must be at least 2, got {modulus}")
-        self.name = "arithmetic"
-        self.ops, self.modulus = list(ops), modulus
+        n_steps, unknown = steps_per_task, [op for op in ops if op not in ARITHMETIC_OPS]
+        check([(ops and not unknown, f"unknown operation(s) {unknown or ops}: "
+                                     f"choose from {' '.join(ARITHMETIC_OPS)}"),
+               (len(set(ops)) == len(ops), f"operations repeat: {' '.join(ops)}"),
+               (n_steps >= 1, f"steps-per-task must be at least 1, got {n_steps}"),
+               (modulus >= 2, f"modulus must be at least 2, got {modulus}")])
+        self.name, self.ops, self.modulus = "arithmetic", list(ops), modulus
         self.universe = AllTuples(len(ops), n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = n_steps + 1, n_steps, 1
         super().__init__([str(r) for r in range(modulus)])  # token id == residue
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
-        B, p = tasks.size(0), self.modulus
+        B, p, device = tasks.size(0), self.modulus, tasks.device
         x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator,
-                          device=tasks.device)
+                          device=device)
         if difficulty < 1:
             # Easier inputs: operands x_1..x_T in 1..k, k growing with difficulty from 1 to p - 1.
             # Small operands make add and sub move y in opposite directions, so a step's operation
@@ -290,7 +230,7 @@ class Arithmetic(ARCFamily):
             # y_t = y_(t-1) +- x_t, not found by training from scratch (docs/recipe.md, arithmetic).
             largest = 1 + int(difficulty * (p - 1))
             x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps),
-                                        generator=generator, device=tasks.device)
+                                        generator=generator, device=device)
         y, steps = x[:, :, 0], []
         for t in range(self.n_steps):  # steps are sequential by definition; each is one batched op
             every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
@@ -299,13 +239,8 @@ class Arithmetic(ARCFamily):
         return x, torch.stack(steps, dim=2).unsqueeze(3)
 
 
-# The ten languages and twenty meanings of the authors' multi-step translation task, each
-# meaning with its real word in every language. Some surface words coincide across
-# languages (Spanish and Portuguese "gato", Chinese and Japanese "猫"): one token each.
-LANGUAGES = ["English", "French", "Spanish", "Chinese", "German", "Italian", "Japanese", "Russian",
-             "Portuguese", "Arabic"]
-MEANINGS = ["cat", "dog", "house", "apple", "sky", "car", "road", "tree", "bed", "water", "sun",
-            "moon", "star", "book", "phone", "computer", "flower", "chair", "table", "mountain"]
+# The authors' multi-step translation task: ten languages, twenty meanings (named in English), each
+# meaning's real word in every language. A word two languages share ("gato", "猫") is one token.
 WORDS = {
     "English": "cat dog house apple sky car road tree bed water "
                "sun moon star book phone computer flower chair table mountain",
@@ -326,46 +261,40 @@ WORDS = {
     "Arabic": "قطة كلب بيت تفاحة سماء سيارة طريق شجرة سرير ماء "
               "شمس قمر نجمة كتاب هاتف حاسوب زهرة كرسي طاولة جبل",
 }
+LANGUAGES, MEANINGS = list(WORDS), WORDS["English"].split()
 
 
 class Translation(ARCFamily):
     """theta = T languages (repeats allowed) from the first D; an example is one random
     meaning written as (language tag, word) in each of them. The input is step 1; the
     answer is steps 2..T: y_t = (tag of theta_t, the meaning's word in theta_t)."""
-
     FLAGS = dict(languages=f"D: a step translates into one of the first D of "
                            f"{', '.join(LANGUAGES)}",
                  steps_per_task="T: languages per task (repeats allowed); the query shows step 1")
 
     def __init__(self, languages=6, steps_per_task=6):
         n_languages, n_steps = languages, steps_per_task
-        if not 1 <= n_languages <= len(LANGUAGES):
-            raise ValueError(f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}")
-        if n_steps < 2:
-            raise ValueError(f"steps-per-task must be at least 2 (the query shows step 1), "
-                             f"got {n_steps}")
-        self.name = "translation"
-        self.languages = LANGUAGES[:n_languages]
+        check([(1 <= n_languages <= len(LANGUAGES),
+                f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}"),
+               (n_steps >= 2, f"steps-per-task must be at least 2 (the query shows step 1), "
+                              f"got {n_steps}")])
+        self.name, self.languages = "translation", LANGUAGES[:n_languages]
         self.universe = AllTuples(n_languages, n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
-        tags = [f"<{language}>" for language in self.languages]
-        words = list(dict.fromkeys(w for language in self.languages
-                                   for w in WORDS[language].split()))
-        super().__init__(tags + words)
-        ids = {token: i for i, token in enumerate(self.tokens)}
-        # (D, n_meanings) token id of each meaning's word in each language; (D,) tag ids
-        self.word_ids = torch.tensor([[ids[w] for w in WORDS[language].split()]
+        words = dict.fromkeys(w for language in self.languages for w in WORDS[language].split())
+        super().__init__([f"<{language}>" for language in self.languages] + list(words))
+        # (D, n_meanings) token ids of each language's words; the tags come first: tag id = language
+        self.word_ids = torch.tensor([[self.tokens.index(w) for w in WORDS[language].split()]
                                       for language in self.languages])
-        self.tag_ids = torch.arange(n_languages)
-        self.ids_on = {}  # device -> (word_ids, tag_ids) there
+        self.ids_on = {}  # device -> word_ids there
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
         B, device = tasks.size(0), tasks.device
         if device not in self.ids_on:  # copied to a device once, not at every batch
-            self.ids_on[device] = self.word_ids.to(device), self.tag_ids.to(device)
-        word_ids, tag_ids = self.ids_on[device]
+            self.ids_on[device] = self.word_ids.to(device)
+        word_ids = self.ids_on[device]
         meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator,
                                 device=device)
         language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
-        steps = torch.stack([tag_ids[language], word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
+        steps = torch.stack([language, word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
         return steps[:, :, 0], steps[:, :, 1:]
