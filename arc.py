@@ -57,7 +57,7 @@ class Config:
     # the optimization
     lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")
     min_lr: float = setting(1e-5, "the cosine decay's floor (paper: 1e-6)")
-    warmup_steps: int = setting(100, "linear warmup from 0 to lr")
+    warmup_steps: int = setting(100, "linear warmup to lr over this many steps")
     steps: int = setting(None, "optimizer steps, decayed over; default: by rule (fit-accuracy)")
     fit_accuracy: float = setting(0.95, "by rule: lr holds until the training tasks reach this")
     decay_fraction: float = setting(0.5, "by rule: then decays over this share of the steps so far")
@@ -221,6 +221,7 @@ class Exclusion:
 
     def check(self, n_options, n_steps):
         """Refuse an exclusion that names a step or an option the family does not have."""
+        # an exclusion not asked for stands in as one that passes its rules
         (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
         last, coordinate = n_options - 1, "missing-coordinate"
         for holds, error in [
@@ -373,6 +374,12 @@ def decay_end(start, cfg):
     return start + max(1, round(cfg.decay_fraction * start))
 
 
+def latest_decay_start(cfg):
+    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
+    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
+    return max(1, checks) * cfg.eval_every
+
+
 def last_step(cfg, progress):
     """Where training ends: at cfg.steps, or by rule where the decay ends (max_steps while the lr
     holds, and never after them); at once if a progress check reached the target."""
@@ -398,6 +405,8 @@ def learning_rate(step, cfg, decay_start=None):
         progress = (step - cfg.warmup_steps) / max(1, length)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
+
+# ----------------------------------------------------------------------------- a training step
 
 def autocast(device, precision="auto"):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, else fp32."""
@@ -467,6 +476,7 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     """Restore a run into model, optimizer and generator if it is the same run (identity: its
     settings and split), but for how it is scored and where it runs; returns its progress."""
     state = read_checkpoint(path)
+    # eval_every may change too, unless progress checks decide where training stops
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
     ignored = ("eval_samples", "device") + ("eval_every",) * bool(fixed_length)
     saved = {**asdict(Config()), **state["identity"]}  # a setting newer than it: the default
@@ -516,15 +526,10 @@ def init(family, split, cfg, device, log):
     return model, make_optimizer(model, cfg), generator
 
 
-def latest_decay_start(cfg):
-    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
-    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
-    return max(1, checks) * cfg.eval_every
-
-
-def speed(cfg, model, progress, last):
+def speed(cfg, model, progress, last, now=None):
     """Tokens a second since the last progress check, and the time left at that speed."""
-    seconds_per_step = (time.time() - last["time"]) / max(1, progress["step"] - last["step"])
+    seconds = (now or time.time()) - last["time"]
+    seconds_per_step = seconds / max(1, progress["step"] - last["step"])
     left = (last_step(cfg, progress) - progress["step"]) * seconds_per_step
     bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
     return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
@@ -532,21 +537,23 @@ def speed(cfg, model, progress, last):
 
 
 def progress_check(model, family, split, cfg, progress, last, lr):
-    """Unseen-task exact match on 256 fresh samples, and by rule, while the lr holds, the training
-    tasks', whose fit starts the decay; kept in progress, and returned as a line. Its generator is
-    seeded by the step, apart from training's, so that evaluations never change what it sees."""
+    """Unseen-task exact match on 256 fresh samples (rounded up to whole tasks), and by rule, while
+    the lr holds, the training tasks', whose fit starts the decay; kept in progress, and returned
+    as a line. Its generator is seeded by the step, apart from training's, so that evaluations
+    never change what training sees."""
     step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
+    trained = time.time()  # the speed is of training alone, not of this check's evaluation
     seeded = lambda: torch.Generator(device=cfg.device).manual_seed(step)
-    unseen = evaluate(model, family, split.test, cfg, seeded(), 256, teacher_forced=False)
+    unseen = evaluate(model, family, split.test, cfg, seeded(), 256)
     record = dict(step=step, loss=loss, unseen_exact_match=unseen["exact_match_generated"],
                   wall_seconds=progress["wall_seconds"])
     line = (f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | unseen exact match "
             f"{record['unseen_exact_match']:.3f} (per step "
             + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
     if cfg.steps is None and progress["decay_start"] is None:
-        fit = evaluate(model, family, split.train, cfg, seeded(), 256, teacher_forced=False)
+        fit = evaluate(model, family, split.train, cfg, seeded(), 256)
         record["train_exact_match"] = fit = fit["exact_match_generated"]
         line += f" | training tasks {fit:.3f}"
         if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
@@ -556,7 +563,7 @@ def progress_check(model, family, split, cfg, progress, last, lr):
     for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
         if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
             progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
-    line += " | " + speed(cfg, model, progress, last)
+    line += " | " + speed(cfg, model, progress, last, trained)
     last.update(step=step, time=time.time())
     last["loss"].zero_()
     return line
@@ -631,42 +638,33 @@ EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about 
 
 
 @torch.no_grad()
-def score(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
-    """The query of fresh samples of tasks (n, T), n_samples spread evenly over the tasks, on the
-    model's device: per sample, whether greedy decoding got each answer step right, and (unless
-    not asked: None) whether the argmax at every answer position given the true prefix was."""
+def score(model, family, tasks, cfg, generator, n_samples):
+    """Greedy decoding of the query of fresh samples of tasks (n, T), n_samples spread evenly over
+    the tasks, on the model's device: per sample, whether it got each answer step right."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
     batch_size = min(500, max(1, EVAL_BATCH_TOKENS // model.config.block_size))
     task_ids = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
     all_tasks = torch.as_tensor(tasks, device=device)
-    steps_right, right_given_prefix = [], []
+    steps_right = []
     for chunk in task_ids.split(batch_size):
         batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
-        answer = batch.tokens[:, -batch.answer_len:]
         with autocast(device, cfg.precision):
             generated = model.generate(batch.tokens[:, :-batch.answer_len], batch.answer_len)
-            if teacher_forced:
-                logits = model(batch.tokens[:, :-1])[:, -batch.answer_len:]
-                right_given_prefix.append((logits.argmax(-1) == answer).all(1))
-        steps_right.append((generated == answer).view(len(chunk), -1, batch.tokens_per_step).all(2))
+        right = generated == batch.tokens[:, -batch.answer_len:]
+        steps_right.append(right.view(len(chunk), -1, batch.tokens_per_step).all(2))
     model.train()
-    return torch.cat(steps_right), torch.cat(right_given_prefix) if teacher_forced else None
+    return torch.cat(steps_right)
 
 
-def evaluate(model, family, tasks, cfg, generator, n_samples, teacher_forced=True):
-    """score, as numbers: exact match of the whole answer by greedy decoding, per answer step, per
-    task; and teacher-forced (the final evaluation's check of the decoder: for the whole answer
-    the two are the same number, as greedy decoding is exact where every argmax is right)."""
-    steps_right, right_given_prefix = score(model, family, tasks, cfg, generator, n_samples,
-                                            teacher_forced)
+def evaluate(model, family, tasks, cfg, generator, n_samples):
+    """score, as numbers: exact match of the whole answer, of each answer step, and per task."""
+    steps_right = score(model, family, tasks, cfg, generator, n_samples)
     generated = steps_right.all(1).float()
     return dict(exact_match_generated=generated.mean().item(),
                 per_step=steps_right.float().mean(0).tolist(),
-                per_task=generated.view(len(tasks), -1).mean(1).tolist(), n_samples=len(generated),
-                **({} if right_given_prefix is None else dict(
-                    exact_match_teacher_forced=right_given_prefix.float().mean().item())))
+                per_task=generated.view(len(tasks), -1).mean(1).tolist(), n_samples=len(generated))
 
 
 def final_evaluation(model, family, split, cfg):

@@ -145,8 +145,8 @@ def run_one(name, values, out=None, save=None, resume=None):
         f"{'CoT' if cfg.cot else 'answer only'}, device {cfg.device}, results to {out}")
     if split.uncovered:
         log(f"note: no training task has the (step, option) pairs {split.uncovered}; "
-            f"{(split.test_uncovered > 0).sum()} of the {len(split.test)} unseen tasks use one, "
-            f"so the ARC theory promises {split.ceiling:.3f} on unseen tasks, not more")
+            f"{(split.test_uncovered > 0).sum()} of the {len(split.test)} unseen tasks use one; "
+            f"the split's ceiling (a coin flip at each untrained step) is {split.ceiling:.3f}")
     stop = []  # the signals that asked the run to stop: it checkpoints, then raises Interrupted
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -164,7 +164,7 @@ def run_one(name, values, out=None, save=None, resume=None):
     peak = (torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cuda else resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10))
     results = dict(
-        config={k: v for k, v in identity.items() if not k.endswith("_tasks")},
+        config={k: v for k, v in identity.items() if k not in ("train_tasks", "test_tasks")},
         n_total_tasks=split.n_total, n_train_tasks=len(split.train), n_test_tasks=len(split.test),
         train_task_list=identity["train_tasks"], test_task_list=identity["test_tasks"],
         uncovered_step_options=split.uncovered, ceiling=split.ceiling,
@@ -174,11 +174,11 @@ def run_one(name, values, out=None, save=None, resume=None):
         device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
         peak_memory_mb=peak, **results, **arc.final_evaluation(model, family, split, cfg))
     save_text(out, json.dumps(results, indent=1))
-    log(f"\n{'task group':<28}{'tasks':>6}{'generated':>11}{'teacher-forced':>16}   per step")
+    log(f"\n{'task group':<28}{'tasks':>6}{'exact match':>13}   per step")
     for group, r in results.items():
         if group.startswith(("train_tasks", "unseen_")):
             log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}"
-                f"{r['exact_match_generated']:>11.3f}{r['exact_match_teacher_forced']:>16.3f}   "
+                f"{r['exact_match_generated']:>13.3f}   "
                 + " ".join(f"{p:.3f}" for p in r["per_step"]))
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training "
         f"tokens/s; results in {out}")
@@ -288,12 +288,15 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
     for name, family, overrides, seed in runs:  # every run is checked before any trains
         identity = prepare(family, dict(overrides, seed=seed, device=device))[3]
         path = os.path.join(out, name + ".json")  # skipped below when finished: refuse a stale one
-        now = {k: v for k, v in identity.items() if not k.endswith("_tasks")}
-        differing = os.path.exists(path) and arc.differences(json.load(open(path))["config"], now,
-                                                             ignored=("device",))
+        saved = json.load(open(path)) if os.path.exists(path) else None
+        differing = saved and arc.differences(  # the split's task lists stand for its task counts
+            dict(saved["config"], train_tasks=saved["train_task_list"],
+                 test_tasks=saved["test_task_list"]), identity,
+            ignored=("device", "n_train_tasks", "n_test_tasks"))
         if differing:
-            raise ValueError(f"{path} holds a run with other settings (saved, now): "
-                             f"{differing}; move it away or give another --out")
+            shown = {k: "another split" if k.endswith("tasks") else v for k, v in differing.items()}
+            raise ValueError(f"{path} holds a run with other settings (saved, now): {shown}; "
+                             "move it away or give another --out")
     for name, family, overrides, seed in mine:
         path = os.path.join(out, name)
         if os.path.exists(path + ".json"):

@@ -560,8 +560,8 @@ def test_training_evaluation_and_decoding_keep_every_tensor_on_the_device(family
     tokens = make_batch(family, tasks, cfg.context_length, cfg.cot, None).tokens
     loss = train_step(model, optimizer, tokens, answer_positions(family, cfg, meta), cfg.grad_clip)
     assert loss.device == meta
-    steps_right, teacher_forced = score(model, family, tasks[:2], cfg, None, n_samples=4)
-    assert steps_right.device == teacher_forced.device == meta
+    steps_right = score(model, family, tasks[:2], cfg, None, n_samples=4)
+    assert steps_right.device == meta
     assert steps_right.shape == (4, family.n_answer_steps)
     prefix = tokens[:, :-make_batch(family, tasks, 2, True, None).answer_len]
     assert model.generate(prefix, 2).shape == (4, 2)
@@ -1077,8 +1077,7 @@ def test_cli_writes_the_results_file(tmp_path):
     assert data["torch"] == torch.__version__ and re.fullmatch(r"[0-9a-f]{40}", data["git_commit"])
     for group in ("train_tasks", "unseen_tasks", "unseen_in_distribution",
                   "unseen_out_of_distribution"):
-        assert {"exact_match_generated", "exact_match_teacher_forced",
-                "per_step"} <= data[group].keys()
+        assert {"exact_match_generated", "per_step", "per_task"} <= data[group].keys()
     assert not as_set(data["train_task_list"]) & as_set(data["test_task_list"])
     assert all(t[0] != 0 for t in data["train_task_list"])
     uncovered = {tuple(pair) for pair in data["uncovered_step_options"]}
@@ -1137,6 +1136,11 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
     monkeypatch.setitem(run.EXPERIMENTS, "n-tasks",
                         n_tasks([(f, dict(o, lr=2e-3)) for f, o in configurations]))
     with pytest.raises(ValueError, match=r"other settings .*'lr': \(0\.001, 0\.002\)"):
+        sweep()
+    # So is one whose split differs: its tasks are what its task counts stand for.
+    monkeypatch.setitem(run.EXPERIMENTS, "n-tasks",
+                        n_tasks([(f, dict(o, n_test_tasks=4)) for f, o in configurations]))
+    with pytest.raises(ValueError, match=r"other settings .*'test_tasks': 'another split'"):
         sweep()
     assert (out / f"{finished}.json").stat().st_mtime_ns == finished_before
     # The figure of every experiment from these results; without matplotlib, a note instead.
