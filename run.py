@@ -147,6 +147,10 @@ def run_one(name, values, out=None, save=None, resume=None):
         log(f"note: no training task has the (step, option) pairs {split.uncovered}; "
             f"{(split.test_uncovered > 0).sum()} of the {len(split.test)} unseen tasks use one; "
             f"the split's ceiling (a coin flip at each untrained step) is {split.ceiling:.3f}")
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    code = dict(git_commit=git("rev-parse", "HEAD") or None,  # read now: it may change meanwhile
+                uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")))
     stop = []  # the signals that asked the run to stop: it checkpoints, then raises Interrupted
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -157,8 +161,6 @@ def run_one(name, values, out=None, save=None, resume=None):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     # what a result depends on beyond its settings: the code, torch, the machine, the memory
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     cuda = cfg.device.startswith("cuda")
     precision = {"bf16": "bf16 autocast", "auto": "fp32, TF32 matmuls" if cuda else "fp32"}
     peak = (torch.cuda.max_memory_allocated(cfg.device) / 2**20 if cuda else resource.getrusage(
@@ -168,9 +170,8 @@ def run_one(name, values, out=None, save=None, resume=None):
         n_total_tasks=split.n_total, n_train_tasks=len(split.train), n_test_tasks=len(split.test),
         train_task_list=identity["train_tasks"], test_task_list=identity["test_tasks"],
         uncovered_step_options=split.uncovered, ceiling=split.ceiling,
-        precision=precision.get(cfg.precision, "fp32"), torch=torch.__version__,
-        git_commit=git("rev-parse", "HEAD") or None, threads=torch.get_num_threads(),
-        uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")),
+        precision=precision.get(cfg.precision, "fp32"), torch=torch.__version__, **code,
+        threads=torch.get_num_threads(),
         device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
         peak_memory_mb=peak, **results, **arc.final_evaluation(model, family, split, cfg))
     save_text(out, json.dumps(results, indent=1))
