@@ -190,7 +190,7 @@ def split_tasks(universe, n_train, seed, exclusion=None, max_test=200):
     n_test = min(max_test, n_total - n_train)
     test_ranks = uniform_ranks(rng, n_total, n_test)
     test = universe.tuples(test_ranks)
-    if exclusion is None or not exclusion.any():
+    if exclusion is None:
         test_excluded = np.zeros(n_test, dtype=bool)
         train_ranks = nth_untaken(uniform_ranks(rng, n_total - n_test, n_train), test_ranks)
     else:
@@ -209,8 +209,12 @@ def coverage(train, test, universe):
     pairs = lambda task: {(t + 1, o) for t, o in enumerate(task)}  # steps 1-based
     possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
     uncovered = sorted(possible.difference(*map(pairs, train.tolist())))
-    return uncovered, np.array([len(pairs(task) & set(uncovered)) for task in test.tolist()],
+    missed = set(uncovered)
+    return uncovered, np.array([len(pairs(task) & missed) for task in test.tolist()],
                                dtype=np.int64)
+
+
+MAX_REJECTION_DRAWS = 10**7  # an exclusion that would need more draws than this is refused
 
 
 @dataclass
@@ -234,9 +238,6 @@ class Exclusion:
                                                         "steps")]:
             if not holds:
                 raise ValueError(error)
-
-    def any(self):
-        return self.missing_coordinate is not None or self.missing_pair is not None
 
     def excludes(self, tasks):
         """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
@@ -279,9 +280,6 @@ class Exclusion:
                 taken.add(rank)
                 ranks.append(rank)
         return ranks
-
-
-MAX_REJECTION_DRAWS = 10**7  # a split that would need more draws than this is refused
 
 
 def split_for(family, cfg):
@@ -520,7 +518,7 @@ def init(family, split, cfg, device, log):
              f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
              f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
              f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, "
         f"{model.config.block_size} tokens a sample, {len(split.train)} training tasks, "
         f"{len(split.test)} unseen tasks of {split.n_total}\n{steps}")
     return model, make_optimizer(model, cfg), generator
@@ -629,7 +627,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
                        history=progress["history"], tokens_per_second=tokens / seconds,
                        time_to_accuracy=progress["milestones"],
-                       n_parameters=sum(p.numel() for p in model.parameters()))
+                       n_parameters=model.num_params())
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -230,3 +230,6 @@ class GPT(nn.Module):
             new_tokens.append(self(context, cache, use_cache)[:, -1].argmax(dim=-1, keepdim=True))
             context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
         return torch.cat(new_tokens, dim=1)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())

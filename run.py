@@ -446,7 +446,7 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
     data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator))
     return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
-                n_parameters=sum(p.numel() for p in model.parameters()), train_step_seconds=step,
+                n_parameters=model.num_params(), train_step_seconds=step,
                 generate_tokens_per_second=prefix.size(0) * n / cached,
                 generate_speedup_vs_recompute=recomputed / cached,
                 generate_cached_equals_recompute=torch.equal(
