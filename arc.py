@@ -53,6 +53,7 @@ class Config:
                             choices=("absolute", "broadcast"))
     embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
     token_shift: bool = setting(True, "every position also sees a map of the previous one")
+    rotary: bool = setting(False, "rotary positions with an example's length as period")
     dropout: float = setting(0.0, "on embeddings, attention and residual branches (paper: 0.1)")
     # the optimization
     lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")
@@ -349,6 +350,7 @@ def build_model(family, cfg):
         vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width, dropout=cfg.dropout,
         embedding_std=cfg.embedding_std, example_len=example_len, token_shift=cfg.token_shift,
+        rotary=cfg.rotary,
         input_len=family.input_len if cfg.position == "broadcast" else 0))
 
 

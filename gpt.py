@@ -25,6 +25,7 @@ class GPTConfig:
     example_len: int = 0  # PackedInputs (input_len > 0): a sequence is a run of examples this long
     input_len: int = 0  # tokens, the first input_len of which (the input x) enter as one position
     token_shift: bool = False  # PackedInputs: every position also gets a map of the previous one
+    rotary: bool = False  # queries and keys rotated by position, with an example's length as period
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,10 +37,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, last_only=False):
+    def forward(self, x, cache=None, last_only=False, rotation=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotation is not None:
+            q, k = rotate(q, rotation), rotate(k, rotation)
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         if last_only:  # every position's key and value, the last one's query only
@@ -48,6 +51,15 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def rotate(t, rotation):
+    """Rotary positions: each pair of dimensions (j, j + head_size / 2) of t (B, H, T, head_size)
+    turned by its positions' angles, rotation (T, head_size) = (cos, sin), so that a query's score
+    with a key depends on their positions' difference only."""
+    cos, sin = rotation.to(t.dtype).chunk(2, dim=-1)
+    a, b = t.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
 class MLP(nn.Module):
@@ -69,8 +81,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, last_only=False):
-        x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), cache, last_only)
+    def forward(self, x, cache=None, last_only=False, rotation=None):
+        x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), cache, last_only, rotation)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -182,6 +194,14 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        if config.rotary:  # harmonic j of position p: angle 2 pi j p / (positions per example),
+            # so "the same step of another example" is one relation whatever the step
+            period = config.example_len - max(0, config.input_len - 1)  # a packed input: one
+            assert period > 0, "rotary positions need example_len"
+            half = config.n_embd // config.n_head // 2
+            angle = (2 * math.pi * torch.arange(config.block_size, dtype=torch.float32)[:, None]
+                     * torch.arange(1, half + 1, dtype=torch.float32) / period)
+            self.register_buffer("rotation", torch.cat([angle.cos(), angle.sin()], 1), False)
         # Initialised in this order: GPT-2's N(0, 0.02) weights, zero biases, N(0, embedding_std)
         # embeddings (the tied head is one); residual projections scaled by depth (GPT-2), so that
         # residual variance does not grow with it; PackedInputs' maps norm-preserving: what is
@@ -212,8 +232,10 @@ class GPT(nn.Module):
         else:
             x, layout = self.packed(idx, start, self.wte, cache)
         x, n_positions = self.drop(x), x.size(1)
+        first = cache.length if cache is not None else 0  # positions before this call's
+        rotation = self.rotation[first:first + n_positions] if self.config.rotary else None
         for block in self.blocks:
-            x = block(x, cache, last_only and block is self.blocks[-1])
+            x = block(x, cache, last_only and block is self.blocks[-1], rotation)
         if cache is not None:
             cache.length, cache.tokens = cache.length + n_positions, cache.tokens + T
         logits = self.lm_head(self.ln_f(x))

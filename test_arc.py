@@ -29,7 +29,7 @@ from arc import (Config, Exclusion, Interrupted, answer_positions, build_model, 
                  difficulty_at, evaluate, final_evaluation, fixed_dataset, get_batch,
                  learning_rate, load_checkpoint, make_optimizer, parse_task_count,
                  read_checkpoint, score, split_tasks, train, train_step)
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, rotate
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic,
                    OrderedTuples, SortedTuples, SparseParity, Translation, make_batch)
 
@@ -436,16 +436,19 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
 
 # ----------------------------------------------------------------------------- model
 
-# The input encodings as (example_len, input_len, token_shift): GPT-2's absolute positions, and
-# inputs packed and broadcast to their examples' answers, with and without the token shift.
-POSITION_ENCODINGS = st.sampled_from([(0, 0, False), (5, 3, False), (5, 3, True)])
+# The input encodings as (example_len, input_len, token_shift, rotary): GPT-2's absolute
+# positions, and inputs packed and broadcast to their examples' answers, with and without the
+# token shift; and each with rotary positions.
+POSITION_ENCODINGS = st.sampled_from([(0, 0, False, False), (5, 3, False, False),
+                                      (5, 3, True, False), (5, 0, False, True), (5, 3, True, True)])
 
 
-def tiny_model(example_len=0, input_len=0, token_shift=False, vocab_size=5, block_size=24):
+def tiny_model(example_len=0, input_len=0, token_shift=False, rotary=False, vocab_size=5,
+               block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
                          n_embd=16, example_len=example_len, input_len=input_len,
-                         token_shift=token_shift)).eval()
+                         token_shift=token_shift, rotary=rotary)).eval()
 
 
 @PROPERTY
@@ -517,6 +520,20 @@ def test_generate_is_stepwise_argmax(encoding, prefix_len, new_tokens, seed):
     assert torch.equal(recomputed, sequence[:, prefix_len:])
 
 
+@PROPERTY
+@given(st.integers(0, 2), st.integers(0, 2), st.integers(0, 6), st.integers(0, 2**31 - 1))
+def test_rotary_scores_depend_on_the_positions_difference_within_an_example(p, q, shift, seed):
+    # examples of 5 tokens, 3 of them a packed input: 3 positions an example, the rotary period
+    rotation = tiny_model(5, 3, rotary=True).rotation
+    query, key = torch.randn(2, 1, 1, 1, 8, generator=torch.Generator().manual_seed(seed))
+    score = lambda i, j: (rotate(query, rotation[i:i + 1]) * rotate(key, rotation[j:j + 1])).sum()
+    assert torch.allclose(score(p, q), score(p + shift, q + shift), atol=1e-5)
+    # the same offset in another example: the same score
+    assert torch.allclose(score(p, q), score(p, q + 3), atol=1e-5)
+    # at the same offset, the score of the unrotated vectors
+    assert torch.allclose(score(p, p + 3 * shift), (query * key).sum(), atol=1e-5)
+
+
 def test_model_rejects_too_long_sequences():
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny_model()(torch.zeros(1, 25, dtype=torch.long))
@@ -546,13 +563,15 @@ FAMILY_IDS = ["parity", "arithmetic", "translation"]
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
-@pytest.mark.parametrize("position", ["broadcast", "absolute"])
-def test_training_evaluation_and_decoding_keep_every_tensor_on_the_device(family, position):
+@pytest.mark.parametrize("position, rotary", [("broadcast", False), ("absolute", False),
+                                              ("broadcast", True)])
+def test_training_evaluation_and_decoding_keep_every_tensor_on_the_device(family, position,
+                                                                          rotary):
     # PyTorch's meta device computes shapes only, and refuses to mix with CPU tensors: any tensor
     # that the code leaves on the CPU (a mask, a layout, an index) fails here as on a GPU.
     meta = torch.device("meta")
     cfg = small_config(position=position, token_shift=position == "broadcast", device="meta",
-                       dropout=0.1)
+                       dropout=0.1, rotary=rotary)
     model = build_model(family, cfg).to(meta)
     optimizer = make_optimizer(model, cfg)
     # meta has no generators: None below
