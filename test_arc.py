@@ -527,11 +527,11 @@ def test_rotary_scores_depend_on_the_positions_difference_within_an_example(p, q
     rotation = tiny_model(5, 3, rotary=True).rotation
     query, key = torch.randn(2, 1, 1, 1, 8, generator=torch.Generator().manual_seed(seed))
     score = lambda i, j: (rotate(query, rotation[i:i + 1]) * rotate(key, rotation[j:j + 1])).sum()
-    assert torch.allclose(score(p, q), score(p + shift, q + shift), atol=1e-5)
+    assert torch.allclose(score(p, q), score(p + shift, q + shift), atol=1e-4)
     # the same offset in another example: the same score
-    assert torch.allclose(score(p, q), score(p, q + 3), atol=1e-5)
+    assert torch.allclose(score(p, q), score(p, q + 3), atol=1e-4)
     # at the same offset, the score of the unrotated vectors
-    assert torch.allclose(score(p, p + 3 * shift), (query * key).sum(), atol=1e-5)
+    assert torch.allclose(score(p, p + 3 * shift), (query * key).sum(), atol=1e-4)
 
 
 def test_model_rejects_too_long_sequences():
@@ -593,7 +593,7 @@ def small_config(**overrides):
     return Config(**{**dict(
         context_length=4, n_layers=1, n_heads=2, width=16, batch_size=8, steps=6, eval_every=3,
         eval_samples=16, warmup_steps=2, position="absolute", embedding_std=0.02,
-        token_shift=False, weight_decay=0.0, device="cpu"), **overrides})
+        token_shift=False, rotary=False, weight_decay=0.0, device="cpu"), **overrides})
 
 
 def parity_split():
