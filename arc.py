@@ -53,8 +53,8 @@ class Config:
                             choices=("absolute", "broadcast"))
     embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
     token_shift: bool = setting(True, "every position also sees a map of the previous one")
-    rotary: bool = setting(True, "rotary positions with an example's length as period (paper: "
-                           "none)")
+    rotary: bool = setting(False, "rotary positions with an example's length as period (the "
+                           "scaling experiment's long chains)")
     dropout: float = setting(0.0, "on embeddings, attention and residual branches (paper: 0.1)")
     # the optimization
     lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")
@@ -62,7 +62,7 @@ class Config:
     warmup_steps: int = setting(100, "linear warmup to lr over this many steps")
     steps: int = setting(None, "optimizer steps, decayed over; default: by rule (fit-accuracy)")
     fit_accuracy: float = setting(0.95, "by rule: lr holds until the training tasks reach this")
-    decay_fraction: float = setting(1.0, "by rule: then decays over this share of the steps so far")
+    decay_fraction: float = setting(0.5, "by rule: then decays over this share of the steps so far")
     max_steps: int = setting(60000, "by rule: the most steps; the decay starts in time for them")
     schedule_steps: int = setting(None, "the cosine's length if longer than --steps (paper)")
     batch_size: int = setting(8, "samples per step (paper: 64)")

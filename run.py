@@ -203,8 +203,8 @@ PAPER = dict(PAPER_RECIPE, tuples="sorted")  # the paper's parity tasks are sort
 # The paper's scaling table: (d, k, training tasks, unseen-task exact match %), sorted tuples.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67),
                  (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
-SCALING_ROWS = [("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n)))
-                for d, k, n, _ in PAPER_SCALING]
+SCALING_ROWS = [("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n), rotary=True))
+                for d, k, n, _ in PAPER_SCALING]  # rotary: chains of 5 to 15 steps learn together
 N_TASKS = ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
 EXPERIMENTS = {
