@@ -53,8 +53,8 @@ class Config:
                             choices=("absolute", "broadcast"))
     embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
     token_shift: bool = setting(True, "every position also sees a map of the previous one")
-    rotary: bool = setting(False, "rotary positions with an example's length as period (the "
-                           "scaling experiment's long chains)")
+    rotary: bool = setting(False, "rotary positions, periodic in an example's positions (on in "
+                           "`run.py scaling`)")
     dropout: float = setting(0.0, "on embeddings, attention and residual branches (paper: 0.1)")
     # the optimization
     lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")

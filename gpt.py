@@ -2,7 +2,8 @@
 
 GPT-2: pre-LayerNorm blocks, causal attention (scaled_dot_product_attention), a GELU MLP, learned
 absolute positions, a tied head, greedy decoding with a key/value cache. PackedInputs (optional) is
-the CPU recipe's input encoding (docs/recipe.md). Nothing here knows about tasks: ids to logits."""
+the CPU recipe's input encoding, and rotary positions periodic in an example (optional) the scaling
+experiment's (docs/recipe.md). Nothing here knows about tasks: ids to logits."""
 
 import math
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class GPTConfig:
     example_len: int = 0  # PackedInputs (input_len > 0): a sequence is a run of examples this long
     input_len: int = 0  # tokens, the first input_len of which (the input x) enter as one position
     token_shift: bool = False  # PackedInputs: every position also gets a map of the previous one
-    rotary: bool = False  # queries and keys rotated by position, with an example's length as period
+    rotary: bool = False  # queries and keys rotated by position, periodic in an example's positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -195,13 +196,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
         if config.rotary:  # harmonic j of position p: angle 2 pi j p / (positions per example),
-            # so "the same step of another example" is one relation whatever the step
-            period = config.example_len - max(0, config.input_len - 1)  # a packed input: one
-            assert period > 0, "rotary positions need example_len"
-            half = config.n_embd // config.n_head // 2
+            # so "the same step of another example" is one relation whatever the step. Harmonics
+            # j and period - j score alike, and multiples of the period turn nothing: a score
+            # periodic in the period has only that many values.
+            # positions per example: a packed input's input_len tokens are one position
+            period = config.example_len - max(0, config.input_len - 1)
+            head_size = config.n_embd // config.n_head
+            assert period > 0 and head_size % 2 == 0, "rotary needs example_len, an even head size"
             angle = (2 * math.pi * torch.arange(config.block_size, dtype=torch.float32)[:, None]
-                     * torch.arange(1, half + 1, dtype=torch.float32) / period)
-            self.register_buffer("rotation", torch.cat([angle.cos(), angle.sin()], 1), False)
+                     * torch.arange(1, head_size // 2 + 1, dtype=torch.float32) / period)
+            # computed from the config, not learned: not in the state dict
+            self.register_buffer("rotation", torch.cat([angle.cos(), angle.sin()], 1),
+                                 persistent=False)
         # Initialised in this order: GPT-2's N(0, 0.02) weights, zero biases, N(0, embedding_std)
         # embeddings (the tied head is one); residual projections scaled by depth (GPT-2), so that
         # residual variance does not grow with it; PackedInputs' maps norm-preserving: what is

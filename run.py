@@ -52,8 +52,7 @@ PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
     # told apart in context: small operands first, where they move y_t in opposite directions
     "arithmetic": dict(n_train_tasks="72", context_length=12, weight_decay=0.0,
                        input_curriculum=0.6, steps=12000),
-    # a two-layer GPT with GPT-2's learned positions (and the rotary ones) learns translation in a
-    # few hundred steps
+    # a two-layer GPT with GPT-2's learned positions learns translation in a few hundred steps
     "translation": dict(n_train_tasks="40", context_length=4, n_layers=2, position="absolute",
                         embedding_std=0.02, token_shift=False, weight_decay=0.0, lr=3e-3,
                         batch_size=32, steps=800, eval_every=500),
@@ -292,7 +291,7 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
         path = os.path.join(out, name + ".json")  # skipped below when finished: refuse a stale one
         saved = json.load(open(path)) if os.path.exists(path) else None
         differing = saved and arc.differences(  # the split's task lists stand for its task counts
-            dict(saved["config"], train_tasks=saved["train_task_list"],
+            dict(asdict(Config()), **saved["config"], train_tasks=saved["train_task_list"],
                  test_tasks=saved["test_task_list"]), identity,
             ignored=("device", "n_train_tasks", "n_test_tasks"))
         if differing:

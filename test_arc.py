@@ -29,7 +29,7 @@ from arc import (Config, Exclusion, Interrupted, answer_positions, build_model, 
                  difficulty_at, evaluate, final_evaluation, fixed_dataset, get_batch,
                  learning_rate, load_checkpoint, make_optimizer, parse_task_count,
                  read_checkpoint, score, split_tasks, train, train_step)
-from gpt import GPT, GPTConfig, rotate
+from gpt import GPT, GPTConfig, KVCache, rotate
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic,
                    OrderedTuples, SortedTuples, SparseParity, Translation, make_batch)
 
@@ -438,7 +438,7 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
 
 # The input encodings as (example_len, input_len, token_shift, rotary): GPT-2's absolute
 # positions, and inputs packed and broadcast to their examples' answers, with and without the
-# token shift; and each with rotary positions.
+# token shift; and rotary positions with absolute ones, and with packed inputs and the shift.
 POSITION_ENCODINGS = st.sampled_from([(0, 0, False, False), (5, 3, False, False),
                                       (5, 3, True, False), (5, 0, False, True), (5, 3, True, True)])
 
@@ -530,8 +530,28 @@ def test_rotary_scores_depend_on_the_positions_difference_within_an_example(p, q
     assert torch.allclose(score(p, q), score(p + shift, q + shift), atol=1e-4)
     # the same offset in another example: the same score
     assert torch.allclose(score(p, q), score(p, q + 3), atol=1e-4)
-    # at the same offset, the score of the unrotated vectors
+    # at the same offset, the score of the unrotated vectors; at another, not
     assert torch.allclose(score(p, p + 3 * shift), (query * key).sum(), atol=1e-4)
+    same = lambda i, j: (rotate(query, rotation[i:i + 1]) * rotate(query, rotation[j:j + 1])).sum()
+    assert same(p, p + 1) < (query * query).sum() - 1e-3
+
+
+def test_rotary_positions_change_the_logits_and_a_cached_forward_keeps_them():
+    # attention made sharp (query and key maps at std 1), so that positions matter
+    model, plain = tiny_model(5, 3, True, rotary=True), tiny_model(5, 3, True)
+    idx = torch.randint(5, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_attn.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+        plain.load_state_dict(model.state_dict())  # the same weights, without the rotation
+        full = model(idx)
+        assert not torch.allclose(full, plain(idx), atol=1e-2)
+        # as decoding runs it: 18 tokens (3 examples and the 4th one's input, 10 positions), then
+        # the 4th example's answer tokens one at a time, at positions 10 and 11, not 18 and 19
+        cache = KVCache(2, 23)
+        cached = [model(idx[:, :18], cache)] + [model(idx[:, t:t + 1], cache, last_only=True)
+                                                for t in (18, 19)]
+    assert torch.allclose(torch.cat(cached, dim=1), full[:, :20], atol=1e-4)
 
 
 def test_model_rejects_too_long_sequences():
