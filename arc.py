@@ -468,7 +468,9 @@ def read_checkpoint(path):
 
 
 def differences(saved, now, ignored=()):
-    """The settings that differ between two runs' identities: {name: (saved, now)}."""
+    """The settings that differ between a saved run's identity and now's: {name: (saved, now)}.
+    A setting newer than the saved run counts as its default."""
+    saved = {**asdict(Config()), **saved}
     return {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
             if k not in ignored and saved.get(k) != now.get(k)}
 
@@ -480,8 +482,7 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     # eval_every may change too, unless progress checks decide where training stops
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
     ignored = ("eval_samples", "device") + ("eval_every",) * bool(fixed_length)
-    saved = {**asdict(Config()), **state["identity"]}  # a setting newer than it: the default
-    differing = differences(saved, identity, ignored)
+    differing = differences(state["identity"], identity, ignored)
     if differing:
         raise ValueError(f"checkpoint {path} belongs to another run (saved, now): {differing}")
     model.load_state_dict(state["model"])

@@ -194,8 +194,8 @@ def run_one(name, values, out=None, save=None, resume=None):
 # parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
 # dataset (390 steps each), batch 64, cut to 1,000 epochs or to where a run reaches its target.
 PAPER_RECIPE = dict(n_layers=3, n_heads=1, width=192, context_length=40, position="absolute",
-                    embedding_std=0.02, token_shift=False, rotary=False, dropout=0.1, lr=8e-5,
-                    min_lr=1e-6, adam_beta2=0.999, weight_decay=0.01, decay_all=True, grad_clip=0.0,
+                    embedding_std=0.02, token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6,
+                    adam_beta2=0.999, weight_decay=0.01, decay_all=True, grad_clip=0.0,
                     warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
                     schedule_steps=3120000, eval_every=1950)
 PAPER = dict(PAPER_RECIPE, tuples="sorted")  # the paper's parity tasks are sorted tuples
@@ -291,7 +291,7 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
         path = os.path.join(out, name + ".json")  # skipped below when finished: refuse a stale one
         saved = json.load(open(path)) if os.path.exists(path) else None
         differing = saved and arc.differences(  # the split's task lists stand for its task counts
-            dict(asdict(Config()), **saved["config"], train_tasks=saved["train_task_list"],
+            dict(saved["config"], train_tasks=saved["train_task_list"],
                  test_tasks=saved["test_task_list"]), identity,
             ignored=("device", "n_train_tasks", "n_test_tasks"))
         if differing:

@@ -613,7 +613,7 @@ def small_config(**overrides):
     return Config(**{**dict(
         context_length=4, n_layers=1, n_heads=2, width=16, batch_size=8, steps=6, eval_every=3,
         eval_samples=16, warmup_steps=2, position="absolute", embedding_std=0.02,
-        token_shift=False, rotary=False, weight_decay=0.0, device="cpu"), **overrides})
+        token_shift=False, weight_decay=0.0, device="cpu"), **overrides})
 
 
 def parity_split():
