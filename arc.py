@@ -1,8 +1,6 @@
-"""The paper's method, the same for every ARC family, in reading order: the settings (Config);
-the split (unseen test tasks first, then training tasks from the rest, never listing the
-universe); the data (fresh samples of the training tasks, tasks.make_batch); the model, AdamW and
-the learning rate (fixed steps, or by rule); checkpoints (a plain dict); training (one flat loop,
-`train`, after the helpers it calls); evaluation (exact match of the query's answer)."""
+"""The paper's method, the same for every ARC family, top to bottom: the settings (Config), the
+split, the data, the model and AdamW, the learning rate, checkpoints (a plain dict), the training
+loop (`train`, after the helpers it calls) and evaluation (exact match of the query's answer)."""
 
 import bisect
 import functools
@@ -31,20 +29,18 @@ def setting(default, doc, **flag):
 class Config:
     """Every setting of a run; the defaults are the CPU recipe (docs/recipe.md)."""
     # the split
-    n_train_tasks: str = setting("3dlogd", "training tasks: an integer or a multiple of D ln D "
-                                 "such as 3dlogd (the paper: about D ln D suffice with CoT)")
+    n_train_tasks: str = setting("3dlogd", "training tasks: an integer, or a multiple of D ln D")
     n_test_tasks: int = setting(200, "unseen test tasks, drawn first (fewer in a small universe)")
-    missing_coordinate: tuple = setting(None, "no training task has theta_C = V (C a 1-based step, "
-                                        "V an option): paper Section 5.1", metavar=("C", "V"))
-    missing_pair: tuple = setting(None, "no training task uses both options A and B: paper Section "
-                                  "5.1", metavar=("A", "B"))
+    missing_coordinate: tuple = setting(None, "no training task has theta_C = V (C: a step from 1)",
+                                        metavar=("C", "V"))
+    missing_pair: tuple = setting(None, "no training task uses both options A and B",
+                                  metavar=("A", "B"))
     seed: int = setting(0, "seed of the split, the data and the model")
     # the data
     context_length: int = setting(20, "N: examples a sample, of one task; the last is the query")
     cot: bool = setting(True, "chain of thought: every step y_1..y_T; --no-cot: y_T only")
     n_train_total: int = setting(None, "a fixed dataset of this many samples (else fresh ones)")
-    input_curriculum: float = setting(0.0, "this fraction of the steps raises the inputs from the "
-                                      "family's easiest to the true ones (arithmetic)")
+    input_curriculum: float = setting(0.0, "this share of the steps raises the inputs' difficulty")
     # the model
     n_layers: int = setting(3, "transformer blocks (paper: 3)")
     n_heads: int = setting(4, "attention heads per block (paper: 1)")
@@ -53,8 +49,7 @@ class Config:
                             choices=("absolute", "broadcast"))
     embedding_std: float = setting(0.3, "initial std of the embeddings (paper: 0.02)")
     token_shift: bool = setting(True, "every position also sees a map of the previous one")
-    rotary: bool = setting(False, "rotary positions, periodic in an example's positions (on in "
-                           "`run.py scaling`)")
+    rotary: bool = setting(False, "rotary positions, periodic in an example (scaling experiment)")
     dropout: float = setting(0.0, "on embeddings, attention and residual branches (paper: 0.1)")
     # the optimization
     lr: float = setting(1e-3, "peak AdamW learning rate (paper: 8e-5)")
@@ -76,8 +71,8 @@ class Config:
     target_accuracy: float = setting(None, "stop once unseen-task exact match reaches this")
     # the machine
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto (the best available)")
-    precision: str = setting("auto", "auto: fp32 (TF32 matmuls on CUDA); fp32: no TF32 either; "
-                             "bf16: autocast", choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "auto: fp32, TF32 matmuls on CUDA; bf16: autocast",
+                             choices=("auto", "fp32", "bf16"))
     compile: bool = setting(False, "torch.compile the training step's model")
 
 
@@ -88,25 +83,21 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("width % n_heads == 0", "width {width} is not divisible by n-heads {n_heads}"),
     ("0 < lr < inf", "lr must be positive and finite, got {lr}"),
     ("0 <= min_lr <= lr", "min-lr must be in [0, lr], got {min_lr}"),
-    ("0 <= weight_decay < inf",
-     "weight-decay must not be negative, and finite, got {weight_decay}"),
+    ("0 <= weight_decay < inf", "weight-decay must not be negative, and finite: {weight_decay}"),
     ("0 < embedding_std < inf", "embedding-std must be positive and finite, got {embedding_std}"),
     ("warmup_steps >= 0", "warmup-steps must not be negative, got {warmup_steps}"),
     ("0 <= seed < 2**63", "seed must be in 0..2**63-1, got {seed}"),
-    ("not token_shift or position == 'broadcast'",
-     "token-shift is part of the packed input encoding: it needs --position broadcast"),
+    ("not token_shift or position == 'broadcast'", "token-shift is part of the packed input "
+                                                   "encoding: it needs --position broadcast"),
     ("0 <= dropout < 1", "dropout must be in [0, 1), got {dropout}"),
     ("0 <= adam_beta2 < 1", "adam-beta2 must be in [0, 1), got {adam_beta2}"),
     ("0 <= grad_clip < inf", "grad-clip must be 0 (none) or positive, got {grad_clip}"),
     ("0 < fit_accuracy <= 1", "fit-accuracy must be in (0, 1], got {fit_accuracy}"),
-    ("0 < decay_fraction < inf",
-     "decay-fraction must be positive and finite, got {decay_fraction}"),
+    ("0 < decay_fraction < inf", "decay-fraction must be positive and finite: {decay_fraction}"),
     ("steps or not (input_curriculum or schedule_steps)",
      "input-curriculum and schedule-steps are fractions of a fixed length: give --steps"),
-    ("target_accuracy is None or 0 <= target_accuracy <= 1",
-     "target-accuracy must be in [0, 1], got {target_accuracy}"),
-    ("0 <= input_curriculum <= 1",
-     "input-curriculum must be a fraction of the steps in [0, 1], got {input_curriculum}"),
+    ("target_accuracy is None or 0 <= target_accuracy <= 1", "target-accuracy must be in [0, 1]"),
+    ("0 <= input_curriculum <= 1", "input-curriculum must be a fraction in [0, 1]"),
     ("n_train_total is None or not input_curriculum",
      "input-curriculum draws fresh inputs at every step: it cannot be used with n-train-total"),
     ("precision != 'bf16' or device.split(':')[0] in ('cpu', 'cuda')",
@@ -130,13 +121,11 @@ def parse_task_count(spec, n_options):
     """An integer ("46") or a multiple of D ln D ("3dlogd", "dlogd", "0.5dlogd")."""
     text = str(spec).strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d*)?)?\s*\*?\s*dlogd", text)
-    if match:
-        count = round(float(match.group(1) or 1) * n_options * math.log(n_options))
-    elif re.fullmatch(r"[+-]?\d+", text):
-        count = int(text)
-    else:
+    if not match and not re.fullmatch(r"[+-]?\d+", text):
         raise ValueError("training task count must be an integer or a multiple of dlogd such as "
                          f"3dlogd, got {spec!r}")
+    count = int(text) if not match else round(
+        float(match.group(1) or 1) * n_options * math.log(n_options))
     if count < 1:
         raise ValueError(f"training task count must be at least 1, got {spec!r} = {count}")
     return count
@@ -199,21 +188,15 @@ def split_tasks(universe, n_train, seed, exclusion=None, max_test=200):
         test_excluded = exclusion.excludes(test)
         train_ranks = exclusion.draw(universe, rng, n_train, test_ranks, test_excluded)
     train = universe.tuples(sorted(train_ranks))
-    uncovered, test_uncovered = coverage(train, test, universe)
-    return TaskSplit(train, test, test_excluded, uncovered, test_uncovered, n_total,
-                     float(np.mean(0.5 ** test_uncovered)))
-
-
-def coverage(train, test, universe):
-    """The (step, option) pairs that some task of the universe uses but no training task does
-    (sorted tuples make some rare: theta_1 = d-k is in one task only), from the universe's rule;
-    and how many of them each test task uses."""
+    # The (step, option) pairs that some task uses but no training task does (sorted tuples make
+    # some rare: theta_1 = d-k is in one task only), and how many of them each test task uses.
     pairs = lambda task: {(t + 1, o) for t, o in enumerate(task)}  # steps 1-based
     possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
     uncovered = sorted(possible.difference(*map(pairs, train.tolist())))
     missed = set(uncovered)
-    return uncovered, np.array([len(pairs(task) & missed) for task in test.tolist()],
-                               dtype=np.int64)
+    test_uncovered = np.array([len(pairs(t) & missed) for t in test.tolist()], dtype=np.int64)
+    return TaskSplit(train, test, test_excluded, uncovered, test_uncovered, n_total,
+                     float(np.mean(0.5 ** test_uncovered)))
 
 
 MAX_REJECTION_DRAWS = 10**7  # an exclusion that would need more draws than this is refused
@@ -224,22 +207,6 @@ class Exclusion:
     """Training tasks the paper's Section 5.1 withholds; positions are 1-based as in the paper."""
     missing_coordinate: tuple = None  # (c, v): no training task has theta_c = v
     missing_pair: tuple = None  # (a, b): no training task contains both a and b
-
-    def check(self, n_options, n_steps):
-        """Refuse an exclusion that names a step or an option the family does not have."""
-        # an exclusion not asked for stands in as one that passes its rules
-        (c, v), (a, b) = self.missing_coordinate or (1, 0), self.missing_pair or (0, 1)
-        last, coordinate = n_options - 1, "missing-coordinate"
-        for holds, error in [
-                (1 <= c <= n_steps, f"{coordinate} position must be in 1..{n_steps}, got {c}"),
-                (0 <= v <= last, f"{coordinate} value must be in 0..{last}, got {v}"),
-                (a != b, f"missing-pair needs two different values, got {a} {b}"),
-                (0 <= min(a, b) <= max(a, b) <= last or not self.missing_pair,
-                 f"missing-pair values must be in 0..{last}, got {a} {b}"),
-                (n_steps >= 2 or not self.missing_pair, "missing-pair needs tasks of at least 2 "
-                                                        "steps")]:
-            if not holds:
-                raise ValueError(error)
 
     def excludes(self, tasks):
         """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
@@ -288,8 +255,19 @@ def split_for(family, cfg):
     """The split a run's settings ask for, checked."""
     exclusion = None
     if cfg.missing_coordinate or cfg.missing_pair:
-        exclusion = Exclusion(cfg.missing_coordinate, cfg.missing_pair)
-        exclusion.check(family.n_options, family.n_steps)
+        # an exclusion not asked for stands in as one that passes its rules
+        (c, v), (a, b) = cfg.missing_coordinate or (1, 0), cfg.missing_pair or (0, 1)
+        T, last, pair = family.n_steps, family.n_options - 1, cfg.missing_pair
+        for holds, error in [
+                (1 <= c <= T, f"missing-coordinate position must be in 1..{T}, got {c}"),
+                (0 <= v <= last, f"missing-coordinate value must be in 0..{last}, got {v}"),
+                (a != b, f"missing-pair needs two different values, got {a} {b}"),
+                (not pair or 0 <= min(a, b) <= max(a, b) <= last,
+                 f"missing-pair values must be in 0..{last}, got {a} {b}"),
+                (not pair or T >= 2, "missing-pair needs tasks of at least 2 steps")]:
+            if not holds:
+                raise ValueError(error)
+        exclusion = Exclusion(cfg.missing_coordinate, pair)
         if not exclusion.n_excluded(family.universe):
             raise ValueError("the exclusion removes no task of this family: nothing would be out "
                              "of distribution")
@@ -308,8 +286,8 @@ def answer_positions(family, cfg, device):
 
 
 def difficulty_at(step, cfg):
-    """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum the
-    easiest for its first 30% (for the step rules to be read off them), then a ramp to 1."""
+    """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum the easiest
+    for its first 30% (for the step rules to be read off them), then a ramp to 1."""
     length = cfg.input_curriculum * (cfg.steps or 0)
     return 1.0 if step >= length else max(0.0, (step / length - 0.3) / 0.7)
 

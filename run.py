@@ -5,7 +5,7 @@
     python run.py parity --help        # every setting, with its meaning in the paper
     python run.py scaling              # an experiment: its runs, then a summary
 
-The method is arc.py; this file is what surrounds it: flags, presets, sweeps, reports, benchmarks.
+The method is arc.py; this file is what surrounds it: flags, presets, sweeps, summaries, reports.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch
 
 import arc
 from arc import Config, Interrupted
-from tasks import Arithmetic, SparseParity, Translation, make_batch
+from tasks import Arithmetic, SparseParity, Translation
 
 log = functools.partial(print, flush=True)  # flushed: a run logging to a file can be followed
 
@@ -417,96 +417,6 @@ def run_all(preset, seeds=1, device="auto", out="out"):
     log(f"\nreport written to {report}")
 
 
-# ----------------------------------------------------------------------------- benchmark, GPU check
-
-def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
-    """Training (in each precision), cached decoding and data generation, timed."""
-    device, generator = torch.device(cfg.device), torch.Generator(cfg.device).manual_seed(0)
-    sync = lambda: device.type == "cuda" and torch.cuda.synchronize(device)
-
-    def timed(fn):  # seconds per call after a warm-up call, waiting for the device at the ends
-        fn(), sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / repeats
-
-    model = arc.build_model(family, cfg).to(device)
-    optimizer, positions = arc.make_optimizer(model, cfg), arc.answer_positions(family, cfg, device)
-    tasks = torch.as_tensor(family.universe.tuples(
-        [r % family.universe.size for r in range(cfg.batch_size)]), device=device)
-    batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
-    step = {p: timed(lambda: arc.train_step(model, optimizer, batch.tokens, positions,
-                                            cfg.grad_clip, p)) for p in precisions}
-    prefix, n = batch.tokens[:, :-batch.answer_len], batch.answer_len
-    model.eval()
-    cached = timed(lambda: model.generate(prefix, n))
-    recomputed = timed(lambda: model.generate(prefix, n, use_cache=False))
-    tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
-    data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator))
-    return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
-                n_parameters=model.num_params(), train_step_seconds=step,
-                generate_tokens_per_second=prefix.size(0) * n / cached,
-                generate_speedup_vs_recompute=recomputed / cached,
-                generate_cached_equals_recompute=torch.equal(
-                    model.generate(prefix, n), model.generate(prefix, n, use_cache=False)),
-                data_samples_per_second=1024 / data)
-
-
-def run_bench(device="auto", out=None):
-    """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
-    runs = {name: make_run("parity", dict(overrides, device=device))[:2]
-            for name, overrides in (("paper", dict(PAPER, d=15, k=3)), ("cpu_default", {}))}
-    results = dict(device=runs["paper"][1].device, torch=torch.__version__,
-                   threads=torch.get_num_threads())
-    for name, (family, cfg) in runs.items():
-        if cfg.device.startswith("cuda"):
-            torch.set_float32_matmul_precision("high")  # as training has it
-        r = results[name] = benchmark(family, cfg)
-        log(f"{name}: {r['tokens_per_sample']} tokens x batch {r['batch_size']}, "
-            f"{r['n_parameters'] / 1e6:.2f}M parameters; ms per training step: "
-            + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["train_step_seconds"].items())
-            + f"; decoding {r['generate_tokens_per_second']:,.0f} tokens/s, "
-            f"{r['generate_speedup_vs_recompute']:.1f}x recomputation (the same tokens: "
-            f"{r['generate_cached_equals_recompute']}); data {r['data_samples_per_second']:,.0f} "
-            "samples/s")
-    if out:
-        save_text(out, json.dumps(results, indent=1))
-    return results
-
-
-def gpu_check(out="out/gpu-check"):
-    """Check and time this machine's GPU in at most 5 minutes, in stages with a time limit each,
-    OUT/gpu-check.json rewritten after each stage (so that a cut-off check still reports)."""
-    if not torch.cuda.is_available():
-        raise ValueError("no CUDA GPU here: gpu-check checks and times one")
-    out, here = os.path.abspath(out), os.path.dirname(os.path.abspath(__file__))
-    path, python = os.path.join(out, "run.json"), sys.executable
-    run = lambda overrides: [python, "run.py", "parity", *words(overrides, "--"), "--out", path]
-    stages = [("CUDA tests", [python, "-m", "pytest", "-q", "-rs", "-k", "cuda"], 75),
-              ("python run.py", run({}), 75),
-              ("benchmark", [python, "run.py", "bench", "--out", path], 45),
-              ("scaling row (10, 5)", run(EXPERIMENTS["scaling"]["cpu"][0][1]), 60),
-              ("paper preset", run(dict(PAPER, d=15, k=3, steps=2000, eval_every=1000)), 45)]
-    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, stages={})
-    for stage, command, limit in stages:
-        start = time.time()
-        os.path.exists(path) and os.remove(path)
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=here)
-            outcome = dict(exit=done.returncode, output=(done.stdout + done.stderr)[-1500:])
-        except subprocess.TimeoutExpired as cut:
-            outcome = dict(exit=f"cut off after {limit} s", output=str(cut.stdout)[-1500:])
-        outcome["seconds"] = round(time.time() - start, 1)
-        if os.path.exists(path):  # the stage's results, less their long lists and tables
-            outcome["result"] = {k: v for k, v in json.load(open(path)).items() if k in (
-                "unseen_tasks", "paper") or not isinstance(v, (list, dict))}
-        report["stages"][stage] = outcome
-        save_text(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
-        log(f"{stage}: exit {outcome['exit']} in {outcome['seconds']} s")
-
-
 # ----------------------------------------------------------------------------- the command line
 
 FLAG_GROUPS = {"n_train_tasks": "the split", "context_length": "the data", "n_layers": "the model",
@@ -560,11 +470,6 @@ def build_parser():
             sub.add_argument("--list", action="store_true", help="print each run's name, and stop")
             sub.add_argument("--shard", metavar="I/N", help="run only every N-th run from the "
                              "I-th; the summary covers every finished run in the folder")
-    bench = add("bench", "time training, decoding and data generation")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--out", help="also write the figures to this JSON")
-    add("gpu-check", "check and time a GPU in at most 5 minutes, into one JSON").add_argument(
-        "--out", default="out/gpu-check", help="folder of gpu-check.json and its runs")
     return parser
 
 
@@ -581,10 +486,8 @@ def main(argv=None):
         elif args.command in EXPERIMENTS:
             run_experiment(args.command, args.preset, args.seeds, args.device, args.out,
                            args.shard, args.list)
-        elif args.command == "all":
-            run_all(args.preset, args.seeds, args.device, args.out)
         else:
-            run_bench(args.device, args.out) if args.command == "bench" else gpu_check(args.out)
+            run_all(args.preset, args.seeds, args.device, args.out)
     except (ValueError, FloatingPointError) as error:
         parser.exit(2, f"error: {error}\n")
     except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C in training, or outside it

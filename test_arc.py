@@ -1,7 +1,8 @@
 """What the experiments rely on, pinned down: task splits, data, model, training, CLI, CUDA.
 
 Run with `python -m pytest -q` (about two minutes on 2 CPU cores). The CUDA tests (test_cuda_*)
-need a GPU and are skipped without one (`-rs` says so); `python run.py gpu-check` runs them.
+need a GPU and are skipped without one (`-rs` says so); `python .ci/gpu_check.py gpu-check` runs
+them.
 """
 
 import importlib.util
@@ -25,14 +26,19 @@ from hypothesis import strategies as st
 
 import arc
 import run
-from arc import (Config, Exclusion, Interrupted, answer_positions, build_model, coverage,
-                 difficulty_at, evaluate, final_evaluation, fixed_dataset, get_batch,
-                 learning_rate, load_checkpoint, make_optimizer, parse_task_count,
-                 read_checkpoint, score, split_tasks, train, train_step)
+from arc import (Config, Exclusion, Interrupted, answer_positions, build_model, difficulty_at,
+                 evaluate, final_evaluation, fixed_dataset, get_batch, learning_rate,
+                 load_checkpoint, make_optimizer, parse_task_count, read_checkpoint, score,
+                 split_tasks, train, train_step)
 from gpt import GPT, GPTConfig, KVCache, rotate
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic,
                    OrderedTuples, SortedTuples, SparseParity, Translation, make_batch)
 
+# the developers' benchmark and GPU check, a script beside CI's
+_spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent / ".ci" /
+                                               "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HERE = Path(__file__).parent
 
@@ -257,8 +263,12 @@ def test_task_counts():
 def test_coverage_lists_the_step_options_training_missed():
     family = SparseParity(10, 3, tuples="sorted")
     every_task = family.universe.tuples(range(family.universe.size))
-    uncovered, uses = coverage(every_task, every_task, family.universe)
-    assert uncovered == [] and not uses.any()
+    # every task but one trains: uncovered are that one's pairs that no other task has
+    split = split_tasks(family.universe, family.universe.size - 1, seed=0)
+    (test,) = split.test.tolist()
+    alone = [(t + 1, o) for t, o in enumerate(test) if (every_task[:, t] == o).sum() == 1]
+    assert split.uncovered == alone and split.test_uncovered.tolist() == [len(alone)]
+    assert split.ceiling == 0.5 ** len(alone)
     split = split_tasks(family.universe, 20, seed=0,
                         exclusion=Exclusion(missing_coordinate=(2, 5)), max_test=60)
     # sorted: theta_1 is never 9, so there is nothing to cover
@@ -1128,7 +1138,7 @@ def test_cli_writes_the_results_file(tmp_path):
 def test_benchmark_reports_consistent_speeds():
     # fp32 only: bf16 matmuls are emulated, and slow, on CPUs without bf16 instructions
     family, cfg = SparseParity(4, 2), small_config(batch_size=4)
-    result = run.benchmark(family, cfg, repeats=1, precisions=("fp32",))
+    result = gpu_check.benchmark(family, cfg, repeats=1, precisions=("fp32",))
     assert result["generate_cached_equals_recompute"]
     assert list(result["train_step_seconds"]) == ["fp32"]
     for seconds_or_rate in (result["train_step_seconds"]["fp32"], result["data_samples_per_second"],
@@ -1138,8 +1148,8 @@ def test_benchmark_reports_consistent_speeds():
     assert result["tokens_per_sample"] == 4 * 7 and result["batch_size"] == 4
     assert result["n_parameters"] == build_model(family, cfg).num_params()
     # packed inputs decode alike with and without the cache too
-    packed = run.benchmark(family, small_config(batch_size=4, position="broadcast"), repeats=1,
-                           precisions=("fp32",))
+    packed = gpu_check.benchmark(family, small_config(batch_size=4, position="broadcast"),
+                                 repeats=1, precisions=("fp32",))
     assert packed["generate_cached_equals_recompute"]
 
 
@@ -1214,7 +1224,7 @@ def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------- CUDA
-# Skipped without a GPU (`pytest -rs` says so); `python run.py gpu-check` runs them.
+# Skipped without a GPU (`pytest -rs` says so); `python .ci/gpu_check.py gpu-check` runs them.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -1347,7 +1357,7 @@ def test_cuda_fp32_precision_disables_tf32():
 def test_gpu_check_without_cuda_is_one_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        run.main(["gpu-check"])
+        gpu_check.main(["gpu-check"])
     lines = capsys.readouterr().err.splitlines()
     assert exit.value.code == 2 and len(lines) == 1
     assert lines[0].startswith("error: ") and "CUDA" in lines[0]
