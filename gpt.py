@@ -6,6 +6,7 @@ the CPU recipe's input encoding, and rotary positions periodic in an example (op
 experiment's (docs/recipe.md). Nothing here knows about tasks: ids to logits."""
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,24 +64,15 @@ def rotate(t, rotation):
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
-
-
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = nn.Sequential(OrderedDict(  # GPT-2's MLP
+            c_fc=nn.Linear(config.n_embd, 4 * config.n_embd), gelu=nn.GELU(),
+            c_proj=nn.Linear(4 * config.n_embd, config.n_embd), dropout=nn.Dropout(config.dropout)))
 
     def forward(self, x, cache=None, last_only=False, rotation=None):
         x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), cache, last_only, rotation)
