@@ -78,7 +78,7 @@ class Config:
 
 AT_LEAST_ONE = ("context_length", "n_layers", "n_heads", "width", "batch_size", "eval_every",
                 "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps",
-                "n_train_total")  # where set
+                "n_train_total")  # unless None (not set)
 CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("width % n_heads == 0", "width {width} is not divisible by n-heads {n_heads}"),
     ("0 < lr < inf", "lr must be positive and finite, got {lr}"),
@@ -255,7 +255,7 @@ def split_for(family, cfg):
     """The split a run's settings ask for, checked."""
     exclusion = None
     if cfg.missing_coordinate or cfg.missing_pair:
-        # an exclusion not asked for stands in as one that passes its rules
+        # (1, 0) and (0, 1) stand in for an exclusion not asked for: they pass every rule
         (c, v), (a, b) = cfg.missing_coordinate or (1, 0), cfg.missing_pair or (0, 1)
         T, last, pair = family.n_steps, family.n_options - 1, cfg.missing_pair
         for holds, error in [
@@ -287,7 +287,7 @@ def answer_positions(family, cfg, device):
 
 def difficulty_at(step, cfg):
     """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum the easiest
-    for its first 30% (for the step rules to be read off them), then a ramp to 1."""
+    for its first 30% (where each answer step's operation shows), then a ramp to 1."""
     length = cfg.input_curriculum * (cfg.steps or 0)
     return 1.0 if step >= length else max(0.0, (step / length - 0.3) / 0.7)
 
@@ -378,11 +378,11 @@ def learning_rate(step, cfg, decay_start=None):
     if cfg.steps is None:
         if decay_start is None or step < decay_start:
             return cfg.lr
-        progress = (step - decay_start) / (decay_end(decay_start, cfg) - decay_start)
+        done = (step - decay_start) / (decay_end(decay_start, cfg) - decay_start)
     else:
         length = (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, length)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+        done = (step - cfg.warmup_steps) / max(1, length)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 # ----------------------------------------------------------------------------- a training step
@@ -455,7 +455,7 @@ def differences(saved, now, ignored=()):
 
 def load_checkpoint(path, identity, model, optimizer, generator, log):
     """Restore a run into model, optimizer and generator if it is the same run (identity: its
-    settings and split), but for how it is scored and where it runs; returns its progress."""
+    settings and split; eval_samples, the device and at a fixed length eval_every may differ)."""
     state = read_checkpoint(path)
     # eval_every may change too, unless progress checks decide where training stops
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
@@ -533,8 +533,8 @@ def progress_check(model, family, split, cfg, progress, last, lr):
             f"{record['unseen_exact_match']:.3f} (per step "
             + " ".join(f"{p:.2f}" for p in unseen["per_step"]) + ")")
     if cfg.steps is None and progress["decay_start"] is None:
-        fit = evaluate(model, family, split.train, cfg, seeded(), 256)
-        record["train_exact_match"] = fit = fit["exact_match_generated"]
+        fit = evaluate(model, family, split.train, cfg, seeded(), 256)["exact_match_generated"]
+        record["train_exact_match"] = fit
         line += f" | training tasks {fit:.3f}"
         if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
             progress["decay_start"] = step
@@ -641,10 +641,10 @@ def score(model, family, tasks, cfg, generator, n_samples):
 def evaluate(model, family, tasks, cfg, generator, n_samples):
     """score, as numbers: exact match of the whole answer, of each answer step, and per task."""
     steps_right = score(model, family, tasks, cfg, generator, n_samples)
-    generated = steps_right.all(1).float()
-    return dict(exact_match_generated=generated.mean().item(),
+    exact = steps_right.all(1).float()  # the whole answer right
+    return dict(exact_match_generated=exact.mean().item(),
                 per_step=steps_right.float().mean(0).tolist(),
-                per_task=generated.view(len(tasks), -1).mean(1).tolist(), n_samples=len(generated))
+                per_task=exact.view(len(tasks), -1).mean(1).tolist(), n_samples=len(exact))
 
 
 def final_evaluation(model, family, split, cfg):

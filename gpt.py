@@ -247,7 +247,8 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
         new_tokens, context = [], idx
         for _ in range(max_new_tokens):  # without the cache, last_only=False: the plain forward
-            new_tokens.append(self(context, cache, use_cache)[:, -1].argmax(dim=-1, keepdim=True))
+            logits = self(context, cache, last_only=use_cache)[:, -1]
+            new_tokens.append(logits.argmax(dim=-1, keepdim=True))
             context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
         return torch.cat(new_tokens, dim=1)
 

@@ -119,18 +119,14 @@ def check(rules):
 
 
 class ARCFamily:
-    """The interface every family implements. Subclasses set in __init__: `name`, `universe` (a
-    TaskUniverse of D = n_options options and T = n_steps steps), `input_len` (tokens of one input
-    x), `n_answer_steps` and `tokens_per_step` (the answer with chain of thought is
-    n_answer_steps x tokens_per_step tokens; without it, the last step's tokens only), and call
-    `super().__init__(tokens)` with their vocabulary. Their constructor's keyword arguments are the
-    family's command-line flags, with their defaults; FLAGS gives each one's meaning. They
-    implement sample(tasks, n_examples, generator, difficulty=1.0): for tasks (B, T), token ids
-    (B, n_examples, input_len) of fresh inputs and (B, n_examples, n_answer_steps,
-    tokens_per_step) of their answers, on tasks' device, in a few batched tensor operations.
-    difficulty in [0, 1], for training curricula: 1 is the family's input distribution, the only
-    one evaluation uses; a family with easier inputs draws them below 1 (the easiest at 0), one
-    without ignores it."""
+    """The interface of a family. A subclass's constructor takes its command-line flags as keywords
+    (FLAGS: their meanings), sets `name`, `universe` (D = n_options options, T = n_steps steps),
+    `input_len` (tokens of an input x), `n_answer_steps` x `tokens_per_step` (the answer with chain
+    of thought; without it, the last step's tokens), and calls `super().__init__(tokens)`. Its
+    sample(tasks, n_examples, generator, difficulty=1.0) gives, for tasks (B, T) and in a few
+    batched tensor operations on their device, fresh inputs (B, n_examples, input_len) and their
+    answers (B, n_examples, n_answer_steps, tokens_per_step). difficulty in [0, 1] is for
+    curricula: 1 is the input distribution, the only one evaluation uses; 0 the easiest, if any."""
     FLAGS = {}
 
     def __init__(self, tokens):
