@@ -6,6 +6,7 @@ import bisect
 import functools
 import math
 import os
+import pathlib
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -410,11 +411,12 @@ def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto")
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_write(path, write):
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    """Write a file, a text or by write(temporary path), via a temporary file renamed into place,
+    so that a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
+        write(tmp) if callable(write) else pathlib.Path(tmp).write_text(write)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -500,7 +502,7 @@ def init(family, split, cfg, device, log):
              f"steps by rule: lr {cfg.lr:g} held until the training tasks reach "
              f"{cfg.fit_accuracy} exact match (checked every {cfg.eval_every} steps), then "
              f"decayed over {cfg.decay_fraction:g} times the steps so far; at most {cfg.max_steps}")
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, "
+    log(f"model: {model.n_params / 1e6:.2f}M parameters, "
         f"{model.config.block_size} tokens a sample, {len(split.train)} training tasks, "
         f"{len(split.test)} unseen tasks of {split.n_total}\n{steps}")
     return model, make_optimizer(model, cfg), generator
@@ -609,7 +611,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
                        history=progress["history"], tokens_per_second=tokens / seconds,
                        time_to_accuracy=progress["milestones"],
-                       n_parameters=model.num_params())
+                       n_parameters=model.n_params)
 
 
 # ----------------------------------------------------------------------------- evaluation

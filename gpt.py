@@ -217,6 +217,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name in ("packed.input_to_answers.weight", "packed.token_shift.weight"):
                 nn.init.normal_(p, mean=0.0, std=1 / math.sqrt(config.n_embd))
+        self.n_params = sum(p.numel() for p in self.parameters())  # the tied head counted once
 
     def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, vocab_size) for token ids idx (B, T), continuing the cache if one is given;
@@ -251,6 +252,3 @@ class GPT(nn.Module):
             new_tokens.append(logits.argmax(dim=-1, keepdim=True))
             context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
         return torch.cat(new_tokens, dim=1)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())

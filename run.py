@@ -33,11 +33,6 @@ from tasks import Arithmetic, SparseParity, Translation
 log = functools.partial(print, flush=True)  # flushed: a run logging to a file can be followed
 
 
-def save_text(path, text):
-    """Write a file atomically (arc.atomic_write), closed before it is renamed into place."""
-    arc.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
 # ----------------------------------------------------------------------------- families and presets
 # A family's flags are its constructor's keywords (tasks.py). A preset is a dict of overrides of
 # Config's fields and the family's flags, checked by name (make_run).
@@ -174,7 +169,7 @@ def run_one(name, values, out=None, save=None, resume=None):
         threads=torch.get_num_threads(),
         device_name=torch.cuda.get_device_name(cfg.device) if cuda else cfg.device,
         peak_memory_mb=peak, **results, **arc.final_evaluation(model, family, split, cfg))
-    save_text(out, json.dumps(results, indent=1))
+    arc.atomic_write(out, json.dumps(results, indent=1))
     log(f"\n{'task group':<28}{'tasks':>6}{'exact match':>13}   per step")
     for group, r in results.items():
         if group.startswith(("train_tasks", "unseen_")):
@@ -341,7 +336,7 @@ def write_summary(experiment, preset, runs, out):
             if os.path.exists(path := os.path.join(out, name + ".json"))]
     if not done:
         return []
-    save_text(os.path.join(out, "summary.json"), json.dumps([r for *_, r in done], indent=1))
+    arc.atomic_write(os.path.join(out, "summary.json"), json.dumps([r for *_, r in done], indent=1))
     lines = [f"# {experiment}, preset {preset}", "", f"Paper: {EXPERIMENTS[experiment]['finding']}",
              "", "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered "
              "/ uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
@@ -373,7 +368,7 @@ def write_summary(experiment, preset, runs, out):
             over_seeds([r["wall_seconds"] / 60 for r in group], 1),
             over_seeds([r["wall_seconds"] / r["steps"] for r in group]), "; ".join(notes)]) + " |")
     lines += ["", plot(experiment, done, out)]
-    save_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
+    arc.atomic_write(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
     log("\n".join(lines))
     return [r for *_, r in done]
 
@@ -413,7 +408,7 @@ def run_all(preset, seeds=1, device="auto", out="out"):
         summary = pathlib.Path(out, folder, "summary.md").read_text()
         sections += ["#" + summary.replace("](summary.png)", f"]({folder}/summary.png)"), ""]
     sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
-    save_text(report, "\n".join(sections) + "\n")
+    arc.atomic_write(report, "\n".join(sections) + "\n")
     log(f"\nreport written to {report}")
 
 

@@ -1146,7 +1146,7 @@ def test_benchmark_reports_consistent_speeds():
                             result["generate_speedup_vs_recompute"]):
         assert 0 < seconds_or_rate < math.inf
     assert result["tokens_per_sample"] == 4 * 7 and result["batch_size"] == 4
-    assert result["n_parameters"] == build_model(family, cfg).num_params()
+    assert result["n_parameters"] == build_model(family, cfg).n_params
     # packed inputs decode alike with and without the cache too
     packed = gpu_check.benchmark(family, small_config(batch_size=4, position="broadcast"),
                                  repeats=1, precisions=("fp32",))

@@ -49,7 +49,7 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
     data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator))
     return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
-                n_parameters=model.num_params(), train_step_seconds=step,
+                n_parameters=model.n_params, train_step_seconds=step,
                 generate_tokens_per_second=prefix.size(0) * n / cached,
                 generate_speedup_vs_recompute=recomputed / cached,
                 generate_cached_equals_recompute=torch.equal(
@@ -75,7 +75,7 @@ def run_bench(device="auto", out=None):
               f"{r['generate_cached_equals_recompute']}); data "
               f"{r['data_samples_per_second']:,.0f} samples/s", flush=True)
     if out:
-        run.save_text(out, json.dumps(results, indent=1))
+        arc.atomic_write(out, json.dumps(results, indent=1))
     return results
 
 
@@ -108,7 +108,7 @@ def gpu_check(out="out/gpu-check"):
             outcome["result"] = {k: v for k, v in json.load(open(path)).items() if k in (
                 "unseen_tasks", "paper") or not isinstance(v, (list, dict))}
         report["stages"][stage] = outcome
-        run.save_text(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
+        arc.atomic_write(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
         print(f"{stage}: exit {outcome['exit']} in {outcome['seconds']} s", flush=True)
 
 
