@@ -140,7 +140,9 @@ class TaskSplit:
     uncovered: list  # the (step, option) pairs some task uses but no training task does
     test_uncovered: np.ndarray  # (n_test,) int: how many uncovered pairs each test task uses
     n_total: int
-    ceiling: float  # unseen exact match if exact where all pairs were trained, else a coin flip
+    # unseen exact match if exact where all pairs were trained, else a coin flip (parity's answers
+    # are bits; where an answer step has more values, guessing scores less than this)
+    ceiling: float
 
 
 def random_below(rng, n):
