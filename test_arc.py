@@ -907,6 +907,7 @@ BAD_INPUT = [
     ("--decay-fraction 0", "decay-fraction must be positive"),
     ("--schedule-steps 0", "schedule-steps must be at least 1"),
     ("--schedule-steps 100", "fractions of a fixed length: give --steps"),
+    ("--steps 100 --schedule-steps 50", "schedule-steps must be >= steps"),
     ("--target-accuracy 2", "target-accuracy must be in [0, 1]"),
     ("arithmetic --input-curriculum 2", "input-curriculum must be a fraction"),
     ("arithmetic --input-curriculum 0.5 --n-train-total 100", "cannot be used with n-train-total"),
