@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig
-from tasks import make_batch
+from tasks import make_batch, require
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -263,15 +263,12 @@ def split_for(family, cfg):
         # (1, 0) and (0, 1) stand in for an exclusion not asked for: they pass every rule
         (c, v), (a, b) = cfg.missing_coordinate or (1, 0), cfg.missing_pair or (0, 1)
         T, last, pair = family.n_steps, family.n_options - 1, cfg.missing_pair
-        for holds, error in [
-                (1 <= c <= T, f"missing-coordinate position must be in 1..{T}, got {c}"),
-                (0 <= v <= last, f"missing-coordinate value must be in 0..{last}, got {v}"),
-                (a != b, f"missing-pair needs two different values, got {a} {b}"),
-                (not pair or 0 <= min(a, b) <= max(a, b) <= last,
-                 f"missing-pair values must be in 0..{last}, got {a} {b}"),
-                (not pair or T >= 2, "missing-pair needs tasks of at least 2 steps")]:
-            if not holds:
-                raise ValueError(error)
+        require([(1 <= c <= T, f"missing-coordinate position must be in 1..{T}, got {c}"),
+                 (0 <= v <= last, f"missing-coordinate value must be in 0..{last}, got {v}"),
+                 (a != b, f"missing-pair needs two different values, got {a} {b}"),
+                 (not pair or 0 <= min(a, b) <= max(a, b) <= last,
+                  f"missing-pair values must be in 0..{last}, got {a} {b}"),
+                 (not pair or T >= 2, "missing-pair needs tasks of at least 2 steps")])
         exclusion = Exclusion(cfg.missing_coordinate, pair)
         if not exclusion.n_excluded(family.universe):
             raise ValueError("the exclusion removes no task of this family: nothing would be out "

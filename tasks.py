@@ -111,8 +111,8 @@ class AllTuples(TaskUniverse):
 
 # ----------------------------------------------------------------------------- families
 
-def check(rules):
-    """Refuse a family's settings with the error of the first (holds, error) rule they break."""
+def require(rules):
+    """Refuse settings with the error of the first (holds, error) rule they break."""
     for holds, error in rules:
         if not holds:
             raise ValueError(error)
@@ -131,7 +131,7 @@ class ARCFamily:
 
     def __init__(self, tokens):
         self.tokens = list(tokens) + [SEPARATOR]  # the separator is a token of its own
-        check([(len(set(self.tokens)) == len(self.tokens),
+        require([(len(set(self.tokens)) == len(self.tokens),
                 f"{self.name}: vocabulary has repeated tokens")])
         self.vocab_size, self.separator_id = len(self.tokens), len(self.tokens) - 1
         self.n_options, self.n_steps = self.universe.n, self.universe.k
@@ -174,7 +174,7 @@ class SparseParity(ARCFamily):
                         "of thought following the tuple's order")
 
     def __init__(self, d=7, k=3, tuples="ordered"):
-        check([(d >= 1, f"d must be at least 1, got {d}"),
+        require([(d >= 1, f"d must be at least 1, got {d}"),
                (1 <= k <= d, f"k must be between 1 and d={d}, got {k}"),
                (tuples in ("sorted", "ordered"),
                 f"tuples must be sorted or ordered, got {tuples!r}")])
@@ -205,7 +205,7 @@ class Arithmetic(ARCFamily):
 
     def __init__(self, ops=("add", "sub", "mul"), steps_per_task=6, modulus=10):
         n_steps, unknown = steps_per_task, [op for op in ops if op not in ARITHMETIC_OPS]
-        check([(ops and not unknown, f"unknown operation(s) {unknown or ops}: "
+        require([(ops and not unknown, f"unknown operation(s) {unknown or ops}: "
                                      f"choose from {' '.join(ARITHMETIC_OPS)}"),
                (len(set(ops)) == len(ops), f"operations repeat: {' '.join(ops)}"),
                (n_steps >= 1, f"steps-per-task must be at least 1, got {n_steps}"),
@@ -270,7 +270,7 @@ class Translation(ARCFamily):
 
     def __init__(self, languages=6, steps_per_task=6):
         n_languages, n_steps = languages, steps_per_task
-        check([(1 <= n_languages <= len(LANGUAGES),
+        require([(1 <= n_languages <= len(LANGUAGES),
                 f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}"),
                (n_steps >= 2, f"steps-per-task must be at least 2 (the query shows step 1), "
                               f"got {n_steps}")])
