@@ -622,8 +622,10 @@ EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about 
 
 @torch.no_grad()
 def score(model, family, tasks, cfg, generator, n_samples):
-    """Greedy decoding of the query of fresh samples of tasks (n, T), n_samples spread evenly over
-    the tasks, on the model's device: per sample, whether it got each answer step right."""
+    """Per fresh sample of tasks (n, T), n_samples spread evenly over the tasks, whether the model
+    gets each answer step of the query right: every token of it the argmax, given the right tokens
+    before it. Greedy decoding gets the whole answer right exactly when all of them are, so one
+    forward pass scores what generation would, without generating."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
@@ -634,15 +636,18 @@ def score(model, family, tasks, cfg, generator, n_samples):
     for chunk in task_ids.split(batch_size):
         batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
         with autocast(device, cfg.precision):
-            generated = model.generate(batch.tokens[:, :-batch.answer_len], batch.answer_len)
-        right = generated == batch.tokens[:, -batch.answer_len:]
+            # the query's answer tokens are one position each, predicted by the positions
+            # before them (the separator's and the answer's but the last)
+            logits = model(batch.tokens[:, :-1], n_last=batch.answer_len)
+        right = logits.argmax(-1) == batch.tokens[:, -batch.answer_len:]
         steps_right.append(right.view(len(chunk), -1, batch.tokens_per_step).all(2))
     model.train()
     return torch.cat(steps_right)
 
 
 def evaluate(model, family, tasks, cfg, generator, n_samples):
-    """score, as numbers: exact match of the whole answer, of each answer step, and per task."""
+    """score, as numbers: exact match of the whole answer, of each answer step (given the steps
+    before it right), and per task."""
     steps_right = score(model, family, tasks, cfg, generator, n_samples)
     exact = steps_right.all(1).float()  # the whole answer right
     return dict(exact_match_generated=exact.mean().item(),

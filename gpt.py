@@ -1,9 +1,9 @@
 """A small GPT in one file, in the spirit of nanoGPT's model.py.
 
 GPT-2: pre-LayerNorm blocks, causal attention (scaled_dot_product_attention), a GELU MLP, learned
-absolute positions, a tied head, greedy decoding with a key/value cache. PackedInputs (optional) is
-the CPU recipe's input encoding, and rotary positions periodic in an example (optional) the scaling
-experiment's (docs/recipe.md). Nothing here knows about tasks: ids to logits."""
+absolute positions, a tied head. PackedInputs (optional) is the CPU recipe's input encoding, and
+rotary positions periodic in an example (optional) the scaling experiment's (docs/recipe.md).
+Nothing here knows about tasks: ids to logits."""
 
 import math
 from collections import OrderedDict
@@ -31,26 +31,26 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, last_only=False, rotation=None):
+    def forward(self, x, rotation=None, n_last=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rotation is not None:
             q, k = rotate(q, rotation), rotate(k, rotation)
-        if cache is not None:
-            k, v = cache.extend(self.layer, k, v)
-        if last_only:  # every position's key and value, the last one's query only
-            q, T = q[:, :, -1:], 1
-        # A query per key (a full forward or a prefill) is causal; one new token sees every key.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T == k.size(2) and T > 1,
+        mask = None
+        if n_last:  # the last n_last queries only, each seeing the keys up to its own position
+            q, mask = q[:, :, -n_last:], torch.ones(n_last, T, dtype=torch.bool,
+                                                     device=x.device).tril(T - n_last)
+            T = n_last
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -65,45 +65,28 @@ def rotate(t, rotation):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(OrderedDict(  # GPT-2's MLP
             c_fc=nn.Linear(config.n_embd, 4 * config.n_embd), gelu=nn.GELU(),
             c_proj=nn.Linear(4 * config.n_embd, config.n_embd), dropout=nn.Dropout(config.dropout)))
 
-    def forward(self, x, cache=None, last_only=False, rotation=None):
-        x = (x[:, -1:] if last_only else x) + self.attn(self.ln_1(x), cache, last_only, rotation)
+    def forward(self, x, rotation=None, n_last=None):
+        x = (x[:, -n_last:] if n_last else x) + self.attn(self.ln_1(x), rotation, n_last)
         return x + self.mlp(self.ln_2(x))
 
 
-class KVCache:
-    """Keys and values of every layer for a batch being decoded, preallocated at the first call."""
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len, self.keys, self.values = n_layer, max_len, None, None
-        self.length = self.tokens = 0  # positions and tokens stored (a packed input: one position)
-        self.last_input = self.last_position = None  # what the next packed chunk broadcasts/shifts
-
-    def extend(self, layer, k, v):
-        """Store this layer's new keys and values; return all of them so far."""
-        if self.keys is None:  # in k's dtype, which autocast may have changed
-            shape = (self.n_layer, *k.shape[:2], self.max_len, k.size(3))
-            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length:end], self.values[layer, :, :, self.length:end] = k, v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-
 class PackedLayout(NamedTuple):
-    """Where the tokens of a chunk go (PackedInputs.layout); index tensors on the model's device."""
+    """Where a sequence's tokens go (PackedInputs.layout); index tensors on the model's device."""
     offset: torch.Tensor  # per token: its offset in its example (below input_len: an input's)
-    slot: torch.Tensor  # per token: its position, counted from the chunk's first
+    slot: torch.Tensor  # per token: its position
     predicting: torch.Tensor  # tokens their position's output predicts (an input's last, answers)
     slot_example: torch.Tensor  # per position: its example
     input_slots: torch.Tensor  # the positions that are inputs
-    broadcast_source: torch.Tensor  # 0 none (an input), 1 the cache's last input, 2+j input j here
+    broadcast_source: torch.Tensor  # per position: 0 none (an input), 1 + e the input of example e
 
 
 class PackedInputs(nn.Module):
@@ -122,48 +105,37 @@ class PackedInputs(nn.Module):
                             if config.token_shift else None)
         self.wpe = nn.Embedding(config.example_len, config.n_embd)
         self.wpe_example = nn.Embedding(-(-config.block_size // config.example_len), config.n_embd)
-        self.layouts = {}  # by (start, length, device): a layout is computed once per shape
+        self.layouts = {}  # by (length, device): a layout is computed once per shape
 
-    def layout(self, start, length, device):
-        """Where tokens start..start+length-1 go, computed on the CPU once, kept on the device."""
-        key = (start, length, str(device))
-        if key not in self.layouts:
+    def layout(self, length, device):
+        """Where a sequence's length tokens go, computed on the CPU once, kept on the device."""
+        if (length, str(device)) not in self.layouts:
             E, P = self.config.example_len, self.config.input_len
-            index = torch.arange(start, start + length)
-            offset = index % E
-            slot = index // E * (E - P + 1) + (offset - P + 1).clamp(min=0)
-            slot_example = (slot[0] + torch.arange(int(slot[-1] - slot[0]) + 1)) // (E - P + 1)
-            slot = slot - slot[0]
+            offset = torch.arange(length) % E
+            slot = torch.arange(length) // E * (E - P + 1) + (offset - P + 1).clamp(min=0)
+            slot_example = torch.arange(int(slot[-1]) + 1) // (E - P + 1)
             input_slots = slot[offset < P].unique_consecutive()
-            broadcast_source = 2 + slot_example - slot_example[0] - int(offset[0] >= P)
+            broadcast_source = 1 + slot_example
             broadcast_source[input_slots] = 0
             layout = (offset, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example,
                       input_slots, broadcast_source)
-            self.layouts[key] = PackedLayout(*(t.to(device) for t in layout))
-        return self.layouts[key]
+            self.layouts[length, str(device)] = PackedLayout(*(t.to(device) for t in layout))
+        return self.layouts[length, str(device)]
 
-    def forward(self, idx, start, wte, cache=None):
-        """Input vectors (B, positions, C) for idx (B, T) from token `start`, and their layout."""
-        if cache is not None and 0 < start % self.config.example_len < self.config.input_len:
-            raise ValueError("with packed inputs, a cached call may not start inside an input")
-        layout = self.layout(start, idx.size(1), idx.device)
+    def forward(self, idx, wte):
+        """Input vectors (B, positions, C) for idx (B, T), and their layout."""
+        layout = self.layout(idx.size(1), idx.device)
         offset, P, V = layout.offset, self.config.input_len, self.config.vocab_size
         x = torch.where((offset < P)[..., None], self.wte_input(offset.clamp(max=P - 1) * V + idx),
                         wte(idx) + self.wpe(offset))
         packed = x.new_zeros(idx.size(0), len(layout.slot_example), x.size(-1)).index_add_(
             1, layout.slot, x)
         none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
-        cache = cache or KVCache(0, 0)  # no cache: the chunk starts a sequence, nothing before it
         if self.token_shift is not None:
-            previous, cache.last_position = (
-                none if cache.last_position is None else cache.last_position, packed[:, -1:])
-            packed = packed + self.token_shift(torch.cat([previous, packed[:, :-1]], dim=1))
-        # Each input, broadcast to the rest of its example (a cached chunk may need the cache's).
-        inputs = packed[:, layout.input_slots]
-        previous = none if cache.last_input is None else cache.last_input
-        packed = packed + self.input_to_answers(
-            torch.cat([none, previous, inputs], dim=1)[:, layout.broadcast_source])
-        cache.last_input = inputs[:, -1:] if inputs.size(1) else cache.last_input
+            packed = packed + self.token_shift(torch.cat([none, packed[:, :-1]], dim=1))
+        # Each input, broadcast to the rest of its example.
+        inputs = torch.cat([none, packed[:, layout.input_slots]], dim=1)
+        packed = packed + self.input_to_answers(inputs[:, layout.broadcast_source])
         return packed + self.wpe_example(layout.slot_example), layout
 
     def unpack(self, logits, layout):
@@ -183,7 +155,7 @@ class GPT(nn.Module):
             assert not config.token_shift, "token_shift is part of PackedInputs"
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
@@ -219,36 +191,19 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=1 / math.sqrt(config.n_embd))
         self.n_params = sum(p.numel() for p in self.parameters())  # the tied head counted once
 
-    def forward(self, idx, cache=None, last_only=False):
-        """Logits (B, T, vocab_size) for token ids idx (B, T), continuing the cache if one is given;
-        last_only: the last token's only (B, 1, vocab_size), as cached decoding needs."""
-        start, T = (cache.tokens if cache is not None else 0), idx.size(1)
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+    def forward(self, idx, n_last=None):
+        """Logits (B, T, vocab_size) for token ids idx (B, T). n_last: those of the last n_last
+        positions only (B, n_last, vocab_size), which the last block then computes alone."""
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens exceeds block_size "
                              f"{self.config.block_size}")
         if self.packed is None:
-            x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
         else:
-            x, layout = self.packed(idx, start, self.wte, cache)
-        x, n_positions = self.drop(x), x.size(1)
-        first = cache.length if cache is not None else 0  # positions before this call's
-        rotation = self.rotation[first:first + n_positions] if self.config.rotary else None
+            x, layout = self.packed(idx, self.wte)
+        x = self.drop(x)
+        rotation = self.rotation[:x.size(1)] if self.config.rotary else None
         for block in self.blocks:
-            x = block(x, cache, last_only and block is self.blocks[-1], rotation)
-        if cache is not None:
-            cache.length, cache.tokens = cache.length + n_positions, cache.tokens + T
+            x = block(x, rotation, n_last if block is self.blocks[-1] else None)
         logits = self.lm_head(self.ln_f(x))
-        # last_only: the last position predicts the last token's successor, packed or not
-        return logits if self.packed is None or last_only else self.packed.unpack(logits, layout)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, use_cache=True):
-        """Greedy decoding: the (B, max_new_tokens) tokens that follow idx. Without the cache, every
-        step is the plain full forward: the reference the cached path must equal."""
-        cache = KVCache(self.config.n_layer, idx.size(1) + max_new_tokens) if use_cache else None
-        new_tokens, context = [], idx
-        for _ in range(max_new_tokens):  # without the cache, last_only=False: the plain forward
-            logits = self(context, cache, last_only=use_cache)[:, -1]
-            new_tokens.append(logits.argmax(dim=-1, keepdim=True))
-            context = new_tokens[-1] if use_cache else torch.cat([context, new_tokens[-1]], dim=1)
-        return torch.cat(new_tokens, dim=1)
+        return logits if self.packed is None or n_last else self.packed.unpack(logits, layout)

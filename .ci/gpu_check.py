@@ -1,4 +1,4 @@
-"""For developers: time training, decoding and data generation (`bench`), and check a GPU machine
+"""For developers: time training, evaluation and data generation (`bench`), and check a GPU machine
 in at most 5 minutes (`gpu-check`): the CUDA tests, the CPU default, the benchmark, a scaling row
 and a paper-preset run, each under a time limit, into one JSON rewritten after each stage.
 
@@ -23,7 +23,7 @@ from tasks import make_batch  # noqa: E402
 
 
 def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
-    """Training (in each precision), cached decoding and data generation, timed."""
+    """Training (in each precision), evaluation and data generation, timed."""
     device, generator = torch.device(cfg.device), torch.Generator(cfg.device).manual_seed(0)
     sync = lambda: device.type == "cuda" and torch.cuda.synchronize(device)
 
@@ -42,23 +42,16 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
     step = {p: timed(lambda: arc.train_step(model, optimizer, batch.tokens, positions,
                                             cfg.grad_clip, p)) for p in precisions}
-    prefix, n = batch.tokens[:, :-batch.answer_len], batch.answer_len
-    model.eval()
-    cached = timed(lambda: model.generate(prefix, n))
-    recomputed = timed(lambda: model.generate(prefix, n, use_cache=False))
+    evaluation = timed(lambda: arc.score(model, family, tasks, cfg, generator, 256))
     tasks = tasks.repeat(1024 // len(tasks) + 1, 1)[:1024]
     data = timed(lambda: make_batch(family, tasks, cfg.context_length, cfg.cot, generator))
     return dict(tokens_per_sample=batch.tokens.size(1), batch_size=cfg.batch_size,
                 n_parameters=model.n_params, train_step_seconds=step,
-                generate_tokens_per_second=prefix.size(0) * n / cached,
-                generate_speedup_vs_recompute=recomputed / cached,
-                generate_cached_equals_recompute=torch.equal(
-                    model.generate(prefix, n), model.generate(prefix, n, use_cache=False)),
-                data_samples_per_second=1024 / data)
+                eval_samples_per_second=256 / evaluation, data_samples_per_second=1024 / data)
 
 
 def run_bench(device="auto", out=None):
-    """Training, decoding and data speed at the paper's shapes and at the CPU default's."""
+    """Training, evaluation and data speed at the paper's shapes and at the CPU default's."""
     runs = {name: run.make_run("parity", dict(overrides, device=device))[:2]
             for name, overrides in (("paper", dict(run.PAPER, d=15, k=3)), ("cpu_default", {}))}
     results = dict(device=runs["paper"][1].device, torch=torch.__version__,
@@ -70,9 +63,7 @@ def run_bench(device="auto", out=None):
         print(f"{name}: {r['tokens_per_sample']} tokens x batch {r['batch_size']}, "
               f"{r['n_parameters'] / 1e6:.2f}M parameters; ms per training step: "
               + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["train_step_seconds"].items())
-              + f"; decoding {r['generate_tokens_per_second']:,.0f} tokens/s, "
-              f"{r['generate_speedup_vs_recompute']:.1f}x recomputation (the same tokens: "
-              f"{r['generate_cached_equals_recompute']}); data "
+              + f"; evaluation {r['eval_samples_per_second']:,.0f} samples/s; data "
               f"{r['data_samples_per_second']:,.0f} samples/s", flush=True)
     if out:
         arc.atomic_write(out, json.dumps(results, indent=1))
@@ -116,7 +107,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time training, decoding and data generation")
+    bench = commands.add_parser("bench", help="time training, evaluation and data generation")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
     bench.add_argument("--out", help="also write the figures to this JSON")
     commands.add_parser("gpu-check", help="check and time a GPU in at most 5 minutes").add_argument(
