@@ -87,9 +87,7 @@ def check_writable(path, flag):
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    try:
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(0, f"{existing} is a file")
+    try:  # a file where a folder should be fails too (Not a directory)
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise ValueError(f"--{flag} {path} cannot be written: {error.strerror} in {existing}")
