@@ -346,45 +346,44 @@ def make_optimizer(model, cfg, fused=None):
 
 
 # ----------------------------------------------------------------------------- the learning rate
-# Warmup, then a cosine decay to min_lr: over cfg.steps if given, else by rule: the lr holds until a
-# progress check finds the training tasks fitted (progress["decay_start"]), then decays over
-# decay_fraction times the steps before it; training ends where the decay does (last_step).
+# Warmup, then a cosine decay to min_lr. With cfg.steps the cosine spans them (or schedule_steps).
+# By rule the lr holds until a progress check finds the training tasks fitted (progress's
+# decay_start); the cosine then spans decay_fraction times the steps so far, and training ends
+# with it.
 
-def decay_end(start, cfg):
-    """By rule: where the decay that starts at step start ends."""
-    return start + max(1, round(cfg.decay_fraction * start))
-
-
-def latest_decay_start(cfg):
-    """By rule: the decay starts here at the latest (a progress check), to end by max_steps."""
-    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
-    return max(1, checks) * cfg.eval_every
-
-
-def last_step(cfg, progress):
-    """Where training ends: at cfg.steps, or by rule where the decay ends (max_steps while the lr
-    holds, and never after them); at once if a progress check reached the target."""
-    if f"{cfg.target_accuracy}" in progress["milestones"]:  # no milestone is named "None"
-        return progress["step"]
-    start = progress["decay_start"]
-    if cfg.steps or start is None:
-        return cfg.steps or cfg.max_steps
-    return min(cfg.max_steps, decay_end(start, cfg))
+def cosine_span(cfg, decay_start):
+    """The cosine's first and last step; by rule, None while the lr holds."""
+    if cfg.steps:
+        return cfg.warmup_steps, cfg.schedule_steps or cfg.steps
+    if decay_start is not None:
+        return decay_start, decay_start + max(1, round(cfg.decay_fraction * decay_start))
+    return None
 
 
 def learning_rate(step, cfg, decay_start=None):
-    """Linear warmup, then cosine decay to min_lr over schedule_steps (or steps), or by rule from
-    decay_start (when the training tasks were fitted) to decay_end."""
+    """Linear warmup, the held lr (by rule), then the cosine to min_lr."""
+    span = cosine_span(cfg, decay_start)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.steps is None:
-        if decay_start is None or step < decay_start:
-            return cfg.lr
-        done = (step - decay_start) / (decay_end(decay_start, cfg) - decay_start)
-    else:
-        length = (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps
-        done = (step - cfg.warmup_steps) / max(1, length)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, done)))
+    if span is None or step < span[0]:
+        return cfg.lr
+    done = min(1.0, (step - span[0]) / max(1, span[1] - span[0]))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * done))
+
+
+def last_step(cfg, progress):
+    """Where training ends: at cfg.steps, or by rule where the cosine ends (max_steps while the lr
+    holds, and never after them); at once if a progress check reached the target."""
+    if f"{cfg.target_accuracy}" in progress["milestones"]:  # no milestone is named "None"
+        return progress["step"]
+    span = cosine_span(cfg, progress["decay_start"])
+    return cfg.steps or min(cfg.max_steps, span[1] if span else cfg.max_steps)
+
+
+def latest_decay_start(cfg):
+    """By rule: the last progress check at which the decay may start and still end by max_steps."""
+    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
+    return max(1, checks) * cfg.eval_every
 
 
 # ----------------------------------------------------------------------------- a training step
