@@ -571,7 +571,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     tasks = torch.as_tensor(split.train, device=device)
     dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
     positions = answer_positions(family, cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model  # decoding's shapes would recompile
+    step_model = torch.compile(model) if cfg.compile else model  # not evaluation's: recompiles
     identity = identity or asdict(cfg)
     progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
     if resume:
@@ -624,7 +624,7 @@ def score(model, family, tasks, cfg, generator, n_samples):
     """Per fresh sample of tasks (n, T), n_samples spread evenly over the tasks, whether the model
     gets each answer step of the query right: every token of it the argmax, given the right tokens
     before it. Greedy decoding gets the whole answer right exactly when all of them are, so one
-    forward pass scores what generation would, without generating."""
+    forward pass gives its exact match, without generating."""
     model.eval()
     device = next(model.parameters()).device
     per_task = max(1, -(-n_samples // len(tasks)))
@@ -648,7 +648,7 @@ def evaluate(model, family, tasks, cfg, generator, n_samples):
     """score, as numbers: exact match of the whole answer, of each answer step (given the steps
     before it right), and per task."""
     steps_right = score(model, family, tasks, cfg, generator, n_samples)
-    exact = steps_right.all(1).float()  # the whole answer right
+    exact = steps_right.all(1).float()  # the whole answer right, as greedy decoding has it
     return dict(exact_match_generated=exact.mean().item(),
                 per_step=steps_right.float().mean(0).tolist(),
                 per_task=exact.view(len(tasks), -1).mean(1).tolist(), n_samples=len(exact))

@@ -49,10 +49,9 @@ class CausalSelfAttention(nn.Module):
         if n_last:  # the last n_last queries only, each seeing the keys up to its own position
             q, mask = q[:, :, -n_last:], torch.ones(n_last, T, dtype=torch.bool,
                                                      device=x.device).tril(T - n_last)
-            T = n_last
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, -1, C)))
 
 
 def rotate(t, rotation):
@@ -86,7 +85,7 @@ class PackedLayout(NamedTuple):
     predicting: torch.Tensor  # tokens their position's output predicts (an input's last, answers)
     slot_example: torch.Tensor  # per position: its example
     input_slots: torch.Tensor  # the positions that are inputs
-    broadcast_source: torch.Tensor  # per position: 0 none (an input), 1 + e the input of example e
+    broadcast_source: torch.Tensor  # per position, into [none, inputs]: 0 (an input), 1 + example
 
 
 class PackedInputs(nn.Module):
@@ -193,7 +192,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, n_last=None):
         """Logits (B, T, vocab_size) for token ids idx (B, T). n_last: those of the last n_last
-        positions only (B, n_last, vocab_size), which the last block then computes alone."""
+        positions only (B, n_last, vocab_size), which the last block then computes alone; with
+        packed inputs, positions are tokens only where no input lies (as an answer's)."""
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens exceeds block_size "
                              f"{self.config.block_size}")
