@@ -7,6 +7,7 @@ y_t follows from (x, y_<t, theta_t). Everything else (the sequence of N examples
 thought or answer only, the loss mask) is `make_batch`, written once for every family.
 """
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -59,12 +60,9 @@ class SortedTuples(TaskUniverse):
     def unrank(self, r):
         task = []
         for i in reversed(range(self.k)):  # largest option first: largest c with C(c, i + 1) <= r
-            low, high = i, self.n - 1
-            while low < high:
-                mid = (low + high + 1) // 2
-                low, high = (mid, high) if math.comb(mid, i + 1) <= r else (low, mid - 1)
-            task.append(low)
-            r -= math.comb(low, i + 1)
+            c = i - 1 + bisect.bisect_right(range(i, self.n), r, key=lambda o: math.comb(o, i + 1))
+            task.append(c)
+            r -= math.comb(c, i + 1)
         return tuple(reversed(task))
 
 
