@@ -486,6 +486,9 @@ def main(argv=None):
         parser.exit(2, f"error: {error}\n")
     except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C in training, or outside it
         parser.exit(130, f"{stop if isinstance(stop, Interrupted) else 'interrupted'}\n")
+    except BrokenPipeError:  # the output's reader stopped (| head): exit quietly, as a pipe does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 if __name__ == "__main__":

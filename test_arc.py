@@ -858,6 +858,14 @@ def run_cli(*args, cwd=None):
                           cwd=cwd or HERE, timeout=300)
 
 
+def test_a_reader_that_stops_reading_ends_the_output_without_a_traceback():
+    # as `python run.py scaling --list | head -1`: here the reader is gone before the first line
+    process = subprocess.Popen([sys.executable, "run.py", "scaling", "--list"], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=60) == 141 and b"Traceback" not in process.stderr.read()
+
+
 def parsed(argv):
     """The parsed arguments of `python run.py ARGV`, and the settings its run has (as run.main
     reads them: Config's fields and the family's flags)."""
