@@ -395,8 +395,9 @@ def autocast(device, precision="auto"):
 
 
 def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
-    """One AdamW step on the answer tokens of a batch. Returns the loss as a tensor: reading it
-    (.item()) would wait for the device, so callers do that only to log."""
+    """One AdamW step on the answer tokens of a batch (of every example, not the query's alone).
+    Returns the loss as a tensor: reading it (.item()) would wait for the device, so callers do
+    that only to log."""
     with autocast(tokens.device, precision):
         logits = model(tokens[:, :-1])[:, positions]
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
@@ -635,8 +636,8 @@ def score(model, family, tasks, cfg, generator, n_samples):
     for chunk in task_ids.split(batch_size):
         batch = make_batch(family, all_tasks[chunk], cfg.context_length, cfg.cot, generator)
         with autocast(device, cfg.precision):
-            # the query's answer tokens are one position each, predicted by the positions
-            # before them (the separator's and the answer's but the last)
+            # teacher forcing: the last answer_len positions (the query's separator and its
+            # answer tokens but the last) predict the answer tokens, the right ones given
             logits = model(batch.tokens[:, :-1], n_last=batch.answer_len)
         right = logits.argmax(-1) == batch.tokens[:, -batch.answer_len:]
         steps_right.append(right.view(len(chunk), -1, batch.tokens_per_step).all(2))
@@ -645,8 +646,9 @@ def score(model, family, tasks, cfg, generator, n_samples):
 
 
 def evaluate(model, family, tasks, cfg, generator, n_samples):
-    """score, as numbers: exact match of the whole answer, of each answer step (given the steps
-    before it right), and per task."""
+    """score, as numbers: exact match of the whole answer, of each answer step (teacher-forced:
+    the steps before it given right), and per task. The key says "generated": it is greedy
+    decoding's exact match, computed without generating."""
     steps_right = score(model, family, tasks, cfg, generator, n_samples)
     exact = steps_right.all(1).float()  # the whole answer right, as greedy decoding has it
     return dict(exact_match_generated=exact.mean().item(),
