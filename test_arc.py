@@ -1263,6 +1263,26 @@ def test_cuda_resume_ends_as_an_uninterrupted_run_up_to_rounding(tmp_path):
 
 
 @cuda
+def test_cuda_scores_the_query_as_the_cpu_does():
+    # the last block's masked attention (n_last) on the GPU's kernels, in true fp32 (no TF32)
+    family, cfg = SparseParity(), Config(device="cpu")
+    torch.manual_seed(0)
+    model = build_model(family, cfg).eval()
+    tasks = torch.as_tensor(family.universe.tuples(range(family.universe.size)))
+    batch = make_batch(family, tasks, cfg.context_length, cfg.cot, torch.Generator().manual_seed(0))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.no_grad():
+            on_cpu = model(batch.tokens[:, :-1], n_last=batch.answer_len)
+            on_gpu = model.cuda()(batch.tokens[:, :-1].cuda(), n_last=batch.answer_len).cpu()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-4)
+    assert (on_cpu.argmax(-1) == on_gpu.argmax(-1)).float().mean().item() >= 0.99
+
+
+@cuda
 def test_cuda_bf16_autocast_trains_with_a_finite_loss():
     family, split = parity_split()
     model, stats = train(family, split, cuda_config(precision="bf16"), log=quiet)
