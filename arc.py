@@ -572,7 +572,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     tasks = torch.as_tensor(split.train, device=device)
     dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
     positions = answer_positions(family, cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model  # not evaluation's: recompiles
+    step_model = torch.compile(model) if cfg.compile else model  # evaluation's shapes vary
     identity = identity or asdict(cfg)
     progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
     if resume:

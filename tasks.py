@@ -130,7 +130,7 @@ class ARCFamily:
     def __init__(self, tokens):
         self.tokens = list(tokens) + [SEPARATOR]  # the separator is a token of its own
         require([(len(set(self.tokens)) == len(self.tokens),
-                f"{self.name}: vocabulary has repeated tokens")])
+                  f"{self.name}: vocabulary has repeated tokens")])
         self.vocab_size, self.separator_id = len(self.tokens), len(self.tokens) - 1
         self.n_options, self.n_steps = self.universe.n, self.universe.k
 
@@ -173,9 +173,9 @@ class SparseParity(ARCFamily):
 
     def __init__(self, d=7, k=3, tuples="ordered"):
         require([(d >= 1, f"d must be at least 1, got {d}"),
-               (1 <= k <= d, f"k must be between 1 and d={d}, got {k}"),
-               (tuples in ("sorted", "ordered"),
-                f"tuples must be sorted or ordered, got {tuples!r}")])
+                 (1 <= k <= d, f"k must be between 1 and d={d}, got {k}"),
+                 (tuples in ("sorted", "ordered"),
+                  f"tuples must be sorted or ordered, got {tuples!r}")])
         self.name, self.d, self.k = "parity", d, k
         self.universe = OrderedTuples(d, k) if tuples == "ordered" else SortedTuples(d, k)
         self.input_len, self.n_answer_steps, self.tokens_per_step = d, k, 1
@@ -204,10 +204,10 @@ class Arithmetic(ARCFamily):
     def __init__(self, ops=("add", "sub", "mul"), steps_per_task=6, modulus=10):
         n_steps, unknown = steps_per_task, [op for op in ops if op not in ARITHMETIC_OPS]
         require([(ops and not unknown, f"unknown operation(s) {unknown or ops}: "
-                                     f"choose from {' '.join(ARITHMETIC_OPS)}"),
-               (len(set(ops)) == len(ops), f"operations repeat: {' '.join(ops)}"),
-               (n_steps >= 1, f"steps-per-task must be at least 1, got {n_steps}"),
-               (modulus >= 2, f"modulus must be at least 2, got {modulus}")])
+                                       f"choose from {' '.join(ARITHMETIC_OPS)}"),
+                 (len(set(ops)) == len(ops), f"operations repeat: {' '.join(ops)}"),
+                 (n_steps >= 1, f"steps-per-task must be at least 1, got {n_steps}"),
+                 (modulus >= 2, f"modulus must be at least 2, got {modulus}")])
         self.name, self.ops, self.modulus = "arithmetic", list(ops), modulus
         self.universe = AllTuples(len(ops), n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = n_steps + 1, n_steps, 1
@@ -269,9 +269,9 @@ class Translation(ARCFamily):
     def __init__(self, languages=6, steps_per_task=6):
         n_languages, n_steps = languages, steps_per_task
         require([(1 <= n_languages <= len(LANGUAGES),
-                f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}"),
-               (n_steps >= 2, f"steps-per-task must be at least 2 (the query shows step 1), "
-                              f"got {n_steps}")])
+                  f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}"),
+                 (n_steps >= 2, f"steps-per-task must be at least 2 (the query shows step 1), "
+                                f"got {n_steps}")])
         self.name, self.languages = "translation", LANGUAGES[:n_languages]
         self.universe = AllTuples(n_languages, n_steps)
         self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
