@@ -20,7 +20,6 @@ from tasks import make_batch, require
 
 
 # ----------------------------------------------------------------------------- the settings
-
 def setting(default, doc, **flag):
     """A Config field: its default, its one-line meaning (the --help), and argparse extras."""
     return field(default=default, metadata=dict(doc=doc, **flag))
@@ -88,8 +87,7 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("0 < embedding_std < inf", "embedding-std must be positive and finite, got {embedding_std}"),
     ("warmup_steps >= 0", "warmup-steps must not be negative, got {warmup_steps}"),
     ("0 <= seed < 2**63", "seed must be in 0..2**63-1, got {seed}"),
-    ("not token_shift or position == 'broadcast'", "token-shift is part of the packed input "
-                                                   "encoding: it needs --position broadcast"),
+    ("not token_shift or position == 'broadcast'", "token-shift needs --position broadcast"),
     ("0 <= dropout < 1", "dropout must be in [0, 1), got {dropout}"),
     ("0 <= adam_beta2 < 1", "adam-beta2 must be in [0, 1), got {adam_beta2}"),
     ("0 <= grad_clip < inf", "grad-clip must be 0 (none) or positive, got {grad_clip}"),
@@ -119,18 +117,15 @@ def check(cfg):
 
 
 # ----------------------------------------------------------------------------- the split
-
 def parse_task_count(spec, n_options):
-    """An integer ("46") or a multiple of D ln D ("3dlogd", "dlogd", "0.5dlogd")."""
+    """A positive integer ("46") or a multiple of D ln D ("3dlogd", "dlogd", "0.5dlogd")."""
     text = str(spec).strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d*)?)?\s*\*?\s*dlogd", text)
-    if not match and not re.fullmatch(r"[+-]?\d+", text):
-        raise ValueError("training task count must be an integer or a multiple of dlogd such as "
-                         f"3dlogd, got {spec!r}")
-    count = int(text) if not match else round(
-        float(match.group(1) or 1) * n_options * math.log(n_options))
+    count = round(float(match.group(1) or 1) * n_options * math.log(n_options)) if match else (
+        int(text) if re.fullmatch(r"[+-]?\d+", text) else 0)
     if count < 1:
-        raise ValueError(f"training task count must be at least 1, got {spec!r} = {count}")
+        raise ValueError("training task count must be a positive integer or a multiple of dlogd "
+                         f"such as 3dlogd, got {spec!r}")
     return count
 
 
@@ -239,14 +234,10 @@ class Exclusion:
         nor test tasks, as long as those are not too rare."""
         n_total = universe.size
         n_allowed = n_total - self.n_excluded(universe) - int((~test_excluded).sum())
-        if n_allowed < n_train:
+        if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):  # or none
             raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks (of "
-                             f"{n_total}, {len(test_ranks)} kept for testing), fewer than the "
-                             f"{n_train} asked for")
-        if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):
-            raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks of "
-                             f"{n_total}: too few to draw {n_train} of them at random; ask for "
-                             "fewer or exclude less")
+                             f"{n_total}, {len(test_ranks)} kept for testing): too few to draw "
+                             f"{n_train} of them at random; ask for fewer or exclude less")
         taken, ranks = set(test_ranks), []
         while len(ranks) < n_train:
             rank = random_below(rng, n_total)
@@ -278,7 +269,6 @@ def split_for(family, cfg):
 
 
 # ----------------------------------------------------------------------------- the data
-
 def answer_positions(family, cfg, device):
     """Positions p whose next token p+1 is an answer token: where the loss is taken."""
     # The mask depends on neither task nor sample: one probe on the CPU, moved to the device once.
@@ -323,16 +313,14 @@ def epoch_order(n, seed, epoch, device):
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-
 def build_model(family, cfg):
     """The GPT for this family's sequences: cfg's model settings, and the family's example shape."""
-    example_len = family.example_len(cfg.cot)
+    example_len, packed = family.example_len(cfg.cot), cfg.position == "broadcast"
     return GPT(GPTConfig(
         vocab_size=family.vocab_size, block_size=cfg.context_length * example_len,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.width, dropout=cfg.dropout,
-        embedding_std=cfg.embedding_std, example_len=example_len, token_shift=cfg.token_shift,
-        rotary=cfg.rotary,
-        input_len=family.input_len if cfg.position == "broadcast" else 0))
+        embedding_std=cfg.embedding_std, example_len=example_len, rotary=cfg.rotary,
+        token_shift=cfg.token_shift, input_len=family.input_len if packed else 0))
 
 
 def make_optimizer(model, cfg, fused=None):
@@ -350,7 +338,6 @@ def make_optimizer(model, cfg, fused=None):
 # By rule the lr holds until a progress check finds the training tasks fitted (progress's
 # decay_start); the cosine then spans decay_fraction times the steps so far, and training ends
 # with it.
-
 def cosine_span(cfg, decay_start):
     """The cosine's first and last step; by rule, None while the lr holds."""
     if cfg.steps:
@@ -387,7 +374,6 @@ def latest_decay_start(cfg):
 
 
 # ----------------------------------------------------------------------------- a training step
-
 def autocast(device, precision="auto"):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, else fp32."""
     return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
@@ -395,9 +381,8 @@ def autocast(device, precision="auto"):
 
 
 def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
-    """One AdamW step on the answer tokens of a batch (of every example, not the query's alone).
-    Returns the loss as a tensor: reading it (.item()) would wait for the device, so callers do
-    that only to log."""
+    """One AdamW step on the answer tokens of every example of a batch. Returns the loss as a
+    tensor: reading it (.item()) waits for the device, so callers do that only to log."""
     with autocast(tokens.device, precision):
         logits = model(tokens[:, :-1])[:, positions]
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, positions + 1].flatten())
@@ -410,7 +395,6 @@ def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto")
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
 def atomic_write(path, write):
     """Write a file, a text or by write(temporary path), via a temporary file renamed into place,
     so that a crash never leaves a half-written file."""
@@ -486,7 +470,6 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
 
 
 # ----------------------------------------------------------------------------- training
-
 CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be an hour apart
 STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
 
@@ -554,7 +537,6 @@ def progress_check(model, family, split, cfg, progress, last, lr):
 
 class Interrupted(Exception):
     """Training stopped on request (SIGINT, SIGTERM), after saving a checkpoint where it could."""
-
     def __init__(self, step, path, resume=None):
         self.step, self.path = step, path
         saved = (f"checkpoint saved to {path}; resume with "
@@ -616,7 +598,6 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
 
 
 # ----------------------------------------------------------------------------- evaluation
-
 EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about this many tokens
 
 
@@ -646,9 +627,8 @@ def score(model, family, tasks, cfg, generator, n_samples):
 
 
 def evaluate(model, family, tasks, cfg, generator, n_samples):
-    """score, as numbers: exact match of the whole answer, of each answer step (teacher-forced:
-    the steps before it given right), and per task. The key says "generated": it is greedy
-    decoding's exact match, computed without generating."""
+    """score, as numbers: exact match of the whole answer (greedy decoding's: "generated"), of
+    each answer step (the steps before it given right), and per task."""
     steps_right = score(model, family, tasks, cfg, generator, n_samples)
     exact = steps_right.all(1).float()  # the whole answer right, as greedy decoding has it
     return dict(exact_match_generated=exact.mean().item(),

@@ -47,8 +47,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rotation), rotate(k, rotation)
         mask = None
         if n_last:  # the last n_last queries only, each seeing the keys up to its own position
-            q, mask = q[:, :, -n_last:], torch.ones(n_last, T, dtype=torch.bool,
-                                                     device=x.device).tril(T - n_last)
+            q, mask = q[:, :, -n_last:], x.new_ones(n_last, T, dtype=torch.bool).tril(T - n_last)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, -1, C)))
@@ -95,8 +94,7 @@ class PackedInputs(nn.Module):
     position also gets a learned map of the previous position's embedding."""
     def __init__(self, config):
         super().__init__()
-        assert 0 < config.input_len < config.example_len, (
-            "a packed input needs example_len > input_len")
+        assert 0 < config.input_len < config.example_len, "packing needs example_len > input_len"
         self.config = config
         self.wte_input = nn.Embedding(config.input_len * config.vocab_size, config.n_embd)
         self.input_to_answers = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -114,10 +112,8 @@ class PackedInputs(nn.Module):
             slot = torch.arange(length) // E * (E - P + 1) + (offset - P + 1).clamp(min=0)
             slot_example = torch.arange(int(slot[-1]) + 1) // (E - P + 1)
             input_slots = slot[offset < P].unique_consecutive()
-            broadcast_source = 1 + slot_example
-            broadcast_source[input_slots] = 0
             layout = (offset, slot, (offset >= P - 1).nonzero().squeeze(1), slot_example,
-                      input_slots, broadcast_source)
+                      input_slots, (1 + slot_example).index_fill(0, input_slots, 0))
             self.layouts[length, str(device)] = PackedLayout(*(t.to(device) for t in layout))
         return self.layouts[length, str(device)]
 
@@ -132,7 +128,6 @@ class PackedInputs(nn.Module):
         none = packed.new_zeros(idx.size(0), 1, packed.size(-1))
         if self.token_shift is not None:
             packed = packed + self.token_shift(torch.cat([none, packed[:, :-1]], dim=1))
-        # Each input, broadcast to the rest of its example.
         inputs = torch.cat([none, packed[:, layout.input_slots]], dim=1)
         packed = packed + self.input_to_answers(inputs[:, layout.broadcast_source])
         return packed + self.wpe_example(layout.slot_example), layout
@@ -158,36 +153,33 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
-        if config.rotary:  # harmonic j of position p: angle 2 pi j p / (positions per example),
-            # so "the same step of another example" is one relation whatever the step. Harmonics
-            # j and period - j score alike, and multiples of the period turn nothing: a score
-            # periodic in the period has only that many values.
-            # positions per example: a packed input's input_len tokens are one position
+        if config.rotary:  # harmonic j of position p turns by 2 pi j p / period, the positions
+            # per example (a packed input is one), so "the same step of another example" is one
+            # relation whatever the step. Harmonics j and period - j score alike, and multiples of
+            # the period turn nothing: a score periodic in the period has only that many values.
             period = config.example_len - max(0, config.input_len - 1)
             head_size = config.n_embd // config.n_head
             assert period > 0 and head_size % 2 == 0, "rotary needs example_len, an even head size"
             angle = (2 * math.pi * torch.arange(config.block_size, dtype=torch.float32)[:, None]
                      * torch.arange(1, head_size // 2 + 1, dtype=torch.float32) / period)
-            # computed from the config, not learned: not in the state dict
             self.register_buffer("rotation", torch.cat([angle.cos(), angle.sin()], 1),
-                                 persistent=False)
+                                 persistent=False)  # not learned: kept out of the state dict
         # Initialised in this order: GPT-2's N(0, 0.02) weights, zero biases, N(0, embedding_std)
         # embeddings (the tied head is one); residual projections scaled by depth (GPT-2), so that
         # residual variance does not grow with it; PackedInputs' maps norm-preserving: what is
         # broadcast or shifted in is as loud as the embedding it joins.
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = (config.embedding_std
-                       if isinstance(module, nn.Embedding) or module is self.lm_head else 0.02)
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                embedding = isinstance(module, nn.Embedding) or module is self.lm_head
+                nn.init.normal_(module.weight, std=config.embedding_std if embedding else 0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
         for name, p in self.named_parameters():
             if name in ("packed.input_to_answers.weight", "packed.token_shift.weight"):
-                nn.init.normal_(p, mean=0.0, std=1 / math.sqrt(config.n_embd))
+                nn.init.normal_(p, std=1 / math.sqrt(config.n_embd))
         self.n_params = sum(p.numel() for p in self.parameters())  # the tied head counted once
 
     def forward(self, idx, n_last=None):

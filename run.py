@@ -13,7 +13,6 @@ import functools
 import inspect
 import json
 import os
-import pathlib
 import re
 import resource
 import signal
@@ -79,7 +78,6 @@ def make_run(name, overrides):
 
 
 # ----------------------------------------------------------------------------- one run
-
 def check_writable(path, flag):
     """Refuse an output file that could not be written, before training. Makes nothing."""
     if os.path.isdir(path):
@@ -112,8 +110,7 @@ def prepare(name, values, out=None, save=None, resume=None):
                   + 16 * cfg.eval_samples * (tokens + 6))
     needed = (weights + 8 * tokens * (cfg.n_train_total or 0)
               + max(cfg.n_layers * cfg.batch_size * per_sample, evaluation))
-    device = torch.device(cfg.device)
-    available = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
+    available = (torch.cuda.mem_get_info(cfg.device)[1] if cfg.device.startswith("cuda")
                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if needed > available:
         raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB but {cfg.device} has "
@@ -172,17 +169,13 @@ def run_one(name, values, out=None, save=None, resume=None):
     for group, r in results.items():
         if group.startswith(("train_tasks", "unseen_")):
             log(f"{group.replace('_', ' '):<28}{len(r['per_task']):>6}"
-                f"{r['exact_match_generated']:>13.3f}   "
-                + " ".join(f"{p:.3f}" for p in r["per_step"]))
+                f"{r['exact_match_generated']:>13.3f}  ", *(f"{p:.3f}" for p in r["per_step"]))
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training "
         f"tokens/s; results in {out}")
     return results
 
 
 # ----------------------------------------------------------------------------- experiments
-# An experiment is data: for each preset, its runs, each a family and the overrides of that
-# family's preset that make it, under the paper's finding. run_experiment runs them all.
-
 # The authors' setup: GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay 0.01 on every
 # parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
 # dataset (390 steps each), batch 64, cut to 1,000 epochs or to where a run reaches its target.
@@ -199,6 +192,8 @@ SCALING_ROWS = [("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n),
                 for d, k, n, _ in PAPER_SCALING]  # rotary: chains of 5 to 15 steps learn together
 N_TASKS = ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
+# An experiment is data: for each preset, its runs, each a family and the overrides of that
+# family's preset that make it, under the paper's finding. run_experiment runs them all.
 EXPERIMENTS = {
     "icl-vs-cot": dict(  # the paper's is Parity(10,2); on CPU the default's problem, both with
         # the same fixed steps, since answer only never fits its training tasks to end a rule
@@ -247,10 +242,8 @@ def words(overrides, dashes=""):
     out = []
     for name, value in overrides.items():
         flag = name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(dashes + ("" if value else "no-") + flag)
-        else:
-            out += [dashes + flag, *map(str, value if isinstance(value, tuple) else [value])]
+        out += ([dashes + ("" if value else "no-") + flag] if isinstance(value, bool) else
+                [dashes + flag, *map(str, value if isinstance(value, tuple) else [value])])
     return out
 
 
@@ -329,8 +322,7 @@ def by_configuration(done):
 
 
 def write_summary(experiment, preset, runs, out):
-    """Every finished run in the folder into summary.json, and summary.md: the paper's finding,
-    a row per configuration, the plot. Returns the finished runs' results."""
+    """The folder's finished runs into summary.json and summary.md, with a plot; their results."""
     done = [(family, overrides, json.load(open(path))) for name, family, overrides, _ in runs
             if os.path.exists(path := os.path.join(out, name + ".json"))]
     if not done:
@@ -341,8 +333,7 @@ def write_summary(experiment, preset, runs, out):
              "/ uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
     for (family, overrides), group in by_configuration(done).items():
         first, config, notes = group[0], group[0]["config"], []
-        match = lambda name: over_seeds([r[name]["exact_match_generated"] for r in group
-                                         if name in r])
+        match = lambda key: over_seeds([r[key]["exact_match_generated"] for r in group if key in r])
         if experiment == "n-tasks":
             universe = make_run(family, dict(overrides))[0].universe
             covered = np.mean([not arc.split_tasks(universe, first["n_train_tasks"], seed)
@@ -374,13 +365,12 @@ def write_summary(experiment, preset, runs, out):
 
 def plot(experiment, done, out):
     """Unseen-task exact match over training (seed 0) into OUT/summary.png; its summary line."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no screen
-        import matplotlib.pyplot as plt
+    try:  # a Figure, not pyplot: drawn for a file only, it needs no backend or screen
+        import matplotlib.figure
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = matplotlib.figure.Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for (family, overrides), group in by_configuration(done).items():
         history = group[0]["history"]
         ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history],
@@ -391,7 +381,6 @@ def plot(experiment, done, out):
     fig.tight_layout()
     arc.atomic_write(os.path.join(out, "summary.png"),
                      lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
     return f"![{experiment}](summary.png)"
 
 
@@ -404,7 +393,7 @@ def run_all(preset, seeds=1, device="auto", out="out"):
         folder = os.path.join(experiment, preset)
         results = run_experiment(experiment, preset, seeds, device, os.path.join(out, folder))
         seconds += sum(r["wall_seconds"] for r in results)
-        summary = pathlib.Path(out, folder, "summary.md").read_text()
+        summary = open(os.path.join(out, folder, "summary.md")).read()
         sections += ["#" + summary.replace("](summary.png)", f"]({folder}/summary.png)"), ""]
     sections.append(f"Training time of all runs, added up: {seconds / 3600:.1f} hours.")
     arc.atomic_write(report, "\n".join(sections) + "\n")
@@ -412,7 +401,6 @@ def run_all(preset, seeds=1, device="auto", out="out"):
 
 
 # ----------------------------------------------------------------------------- the command line
-
 FLAG_GROUPS = {"n_train_tasks": "the split", "context_length": "the data", "n_layers": "the model",
                "lr": "the optimization", "eval_every": "the evaluation", "device": "the machine"}
 PRESET_HELP = dict(cpu="the CPU recipe at sizes a 2-core CPU runs in minutes to hours",

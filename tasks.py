@@ -14,15 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SEPARATOR = "<sep>"
-
 
 # ----------------------------------------------------------------------------- task universes
-
 class TaskUniverse:
     """Every tuple (theta_1..theta_T) of a family, T = k steps of D = n options each, indexed and
     never listed: rank r in 0..size-1 <-> tuple, in Python integers, so that even C(100, 50) tasks
-    cost nothing until drawn. Subclasses give the bijection (rank, unrank) and count(fixed=None,
+    cost nothing until drawn. Subclasses give the bijection unrank(r) and count(fixed=None,
     avoid=()): how many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no
     option of the set avoid, what exclusions are counted with, by inclusion and exclusion."""
 
@@ -46,16 +43,12 @@ class SortedTuples(TaskUniverse):
         if fixed is None:
             return math.comb(len(free), self.k)
         c, v = fixed
-        if v not in free:
-            return 0
         below = sum(o < v for o in free)
-        return math.comb(below, c) * math.comb(len(free) - below - 1, self.k - 1 - c)
+        return (math.comb(below, c) * math.comb(len(free) - below - 1, self.k - 1 - c)
+                if v in free else 0)
 
     def options(self, t):
         return range(t, self.n - self.k + t + 1)  # t smaller options before, k - 1 - t larger after
-
-    def rank(self, task):
-        return sum(math.comb(option, i + 1) for i, option in enumerate(task))
 
     def unrank(self, r):
         task = []
@@ -76,13 +69,6 @@ class OrderedTuples(TaskUniverse):
             return math.perm(free, self.k)
         return math.perm(free - 1, self.k - 1) if fixed[1] not in avoid else 0
 
-    def rank(self, task):
-        r, unused = 0, list(range(self.n))
-        for i, option in enumerate(task):
-            r += unused.index(option) * math.perm(self.n - i - 1, self.k - i - 1)
-            unused.remove(option)
-        return r
-
     def unrank(self, r):
         task, unused = [], list(range(self.n))
         for i in range(self.k):
@@ -100,15 +86,11 @@ class AllTuples(TaskUniverse):
             return free ** self.k
         return free ** (self.k - 1) if fixed[1] not in avoid else 0
 
-    def rank(self, task):
-        return sum(option * self.n ** i for i, option in enumerate(reversed(task)))
-
     def unrank(self, r):
         return tuple(r // self.n ** i % self.n for i in reversed(range(self.k)))
 
 
 # ----------------------------------------------------------------------------- families
-
 def require(rules):
     """Refuse settings with the error of the first (holds, error) rule they break."""
     for holds, error in rules:
@@ -128,7 +110,7 @@ class ARCFamily:
     FLAGS = {}
 
     def __init__(self, tokens):
-        self.tokens = list(tokens) + [SEPARATOR]  # the separator is a token of its own
+        self.tokens = list(tokens) + ["<sep>"]  # the separator is a token of its own
         require([(len(set(self.tokens)) == len(self.tokens),
                   f"{self.name}: vocabulary has repeated tokens")])
         self.vocab_size, self.separator_id = len(self.tokens), len(self.tokens) - 1
@@ -136,9 +118,6 @@ class ARCFamily:
 
     def example_len(self, cot):
         return self.input_len + 1 + (self.n_answer_steps if cot else 1) * self.tokens_per_step
-
-    def decode(self, ids):
-        return " ".join(self.tokens[i] for i in ids)
 
 
 @dataclass
@@ -163,9 +142,7 @@ def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
 
 
 class SparseParity(ARCFamily):
-    """x uniform in {0,1}^d; theta = k distinct coordinates; y_t = x_theta1 xor ... xor x_thetat.
-    Sorted tuples (C(d,k) tasks, the paper's) or ordered ones (d!/(d-k)! tasks), the chain of
-    thought then following the tuple's order."""
+    """x uniform in {0,1}^d; theta = k distinct coordinates; y_t = x_theta1 xor ... xor x_thetat."""
     FLAGS = dict(d="input length: x is uniform in {0,1}^d; D = d options per step",
                  k="secret coordinates per task: the answer is the parity of k bits; T = k steps",
                  tuples="sorted: the paper's tasks, C(d,k) of them; ordered: d!/(d-k)!, the chain "
@@ -190,8 +167,7 @@ class SparseParity(ARCFamily):
 
 ARITHMETIC_OPS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
                   "mul": lambda a, b, p: (a * b) % p, "max": lambda a, b, p: torch.maximum(a, b),
-                  "min": lambda a, b, p: torch.minimum(a, b),
-                  "absdiff": lambda a, b, p: (a - b).abs()}
+                  "min": lambda a, b, p: torch.minimum(a, b), "absdiff": lambda a, b, p: abs(a - b)}
 
 
 class Arithmetic(ARCFamily):
@@ -214,21 +190,19 @@ class Arithmetic(ARCFamily):
         super().__init__([str(r) for r in range(modulus)])  # token id == residue
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
-        B, p, device = tasks.size(0), self.modulus, tasks.device
-        x = torch.randint(0, p, (B, n_examples, self.n_steps + 1), generator=generator,
-                          device=device)
+        B, N, T, p, device = tasks.size(0), n_examples, self.n_steps, self.modulus, tasks.device
+        x = torch.randint(0, p, (B, N, T + 1), generator=generator, device=device)
         if difficulty < 1:
             # Easier inputs: operands x_1..x_T in 1..k, k growing with difficulty from 1 to p - 1.
             # Small operands make add and sub move y in opposite directions, so a step's operation
             # shows in the pair (y_(t-1), y_t) alone; uniform ones leave only the three-way check
             # y_t = y_(t-1) +- x_t, not found by training from scratch (docs/recipe.md, arithmetic).
-            largest = 1 + int(difficulty * (p - 1))
-            x[:, :, 1:] = torch.randint(1, largest + 1, (B, n_examples, self.n_steps),
-                                        generator=generator, device=device)
+            k = 1 + int(difficulty * (p - 1))
+            x[:, :, 1:] = torch.randint(1, k + 1, (B, N, T), generator=generator, device=device)
         y, steps = x[:, :, 0], []
-        for t in range(self.n_steps):  # steps are sequential by definition; each is one batched op
+        for t in range(T):  # steps are sequential by definition; each is one batched op
             every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
-            y = every_op.gather(0, tasks[None, :, None, t].expand(1, B, n_examples)).squeeze(0)
+            y = every_op.gather(0, tasks[None, :, None, t].expand(1, B, N)).squeeze(0)
             steps.append(y)
         return x, torch.stack(steps, dim=2).unsqueeze(3)
 
@@ -283,12 +257,11 @@ class Translation(ARCFamily):
         self.ids_on = {}  # device -> word_ids there
 
     def sample(self, tasks, n_examples, generator, difficulty=1.0):
-        B, device = tasks.size(0), tasks.device
+        B, N, device = tasks.size(0), n_examples, tasks.device
         if device not in self.ids_on:  # copied to a device once, not at every batch
             self.ids_on[device] = self.word_ids.to(device)
         word_ids = self.ids_on[device]
-        meaning = torch.randint(0, len(MEANINGS), (B, n_examples, 1), generator=generator,
-                                device=device)
-        language = tasks[:, None, :].expand(B, n_examples, self.n_steps)
+        meaning = torch.randint(0, len(MEANINGS), (B, N, 1), generator=generator, device=device)
+        language = tasks[:, None, :].expand(B, N, self.n_steps)
         steps = torch.stack([language, word_ids[language, meaning]], dim=3)  # (B, N, T, 2)
         return steps[:, :, 0], steps[:, :, 1:]
