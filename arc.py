@@ -1,6 +1,7 @@
 """The paper's method, the same for every ARC family, top to bottom: the settings (Config), the
 split, the data, the model and AdamW, the learning rate, checkpoints (a plain dict), the training
-loop (`train`, after the helpers it calls) and evaluation (exact match of the query's answer)."""
+loop (`train`, after the helpers it calls) and evaluation (exact match of the query's answer).
+A "step" is an optimizer step; the answer's y_1..y_T are its answer steps."""
 
 import bisect
 import functools
@@ -137,8 +138,9 @@ class TaskSplit:
     uncovered: list  # the (step, option) pairs some task uses but no training task does
     test_uncovered: np.ndarray  # (n_test,) int: how many uncovered pairs each test task uses
     n_total: int
-    # unseen exact match if exact where all pairs were trained, else a coin flip (parity's answers
-    # are bits; where an answer step has more values, guessing scores less than this)
+    # the unseen exact match of a model exact wherever each (step, option) pair was trained, and a
+    # coin flip at each untrained one (parity's answers are bits; with more values, guessing is
+    # worse)
     ceiling: float
 
 
@@ -164,8 +166,8 @@ def uniform_ranks(rng, n, count):
 
 def nth_untaken(positions, taken):
     """For each j of positions, the j-th (0-based) non-negative integer that is not in taken."""
-    # below the i-th smallest taken integer t_i lie t_i - i untaken ones; the j-th untaken integer
-    # is j plus the number of taken integers with fewer than j + 1 untaken below them
+    # below the i-th smallest taken integer t_i lie t_i - i untaken ones; the j-th untaken one is
+    # j plus the count of taken integers below it: those with at most j untaken ones below them
     untaken_below = [t - i for i, t in enumerate(sorted(taken))]
     return [j + bisect.bisect_right(untaken_below, j) for j in positions]
 
@@ -269,7 +271,7 @@ def split_for(family, cfg):
 
 
 # ----------------------------------------------------------------------------- the data
-def answer_positions(family, cfg, device):
+def loss_positions(family, cfg, device):
     """Positions p whose next token p+1 is an answer token: where the loss is taken."""
     # The mask depends on neither task nor sample: one probe on the CPU, moved to the device once.
     probe = make_batch(family, torch.zeros((1, family.n_steps), dtype=torch.long),
@@ -361,7 +363,7 @@ def learning_rate(step, cfg, decay_start=None):
 def last_step(cfg, progress):
     """Where training ends: at cfg.steps, or by rule where the cosine ends (max_steps while the lr
     holds, and never after them); at once if a progress check reached the target."""
-    if f"{cfg.target_accuracy}" in progress["milestones"]:  # no milestone is named "None"
+    if cfg.target_accuracy is not None and f"{cfg.target_accuracy}" in progress["milestones"]:
         return progress["step"]
     span = cosine_span(cfg, progress["decay_start"])
     return cfg.steps or min(cfg.max_steps, span[1] if span else cfg.max_steps)
@@ -446,7 +448,7 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     state = read_checkpoint(path)
     # eval_every may change too, unless progress checks decide where training stops
     fixed_length = identity.get("steps") and identity.get("target_accuracy") is None
-    ignored = ("eval_samples", "device") + ("eval_every",) * bool(fixed_length)
+    ignored = ("eval_samples", "device") + (("eval_every",) if fixed_length else ())
     differing = differences(state["identity"], identity, ignored)
     if differing:
         raise ValueError(f"checkpoint {path} belongs to another run (saved, now): {differing}")
@@ -492,22 +494,22 @@ def init(family, split, cfg, device, log):
     return model, make_optimizer(model, cfg), generator
 
 
-def speed(cfg, model, progress, last, now=None):
+def speed(cfg, model, progress, window, now=None):
     """Tokens a second since the last progress check, and the time left at that speed."""
-    seconds = (now or time.time()) - last["time"]
-    seconds_per_step = seconds / max(1, progress["step"] - last["step"])
+    seconds = (now or time.time()) - window["time"]
+    seconds_per_step = seconds / max(1, progress["step"] - window["step"])
     left = (last_step(cfg, progress) - progress["step"]) * seconds_per_step
     bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
     return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
             f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
 
 
-def progress_check(model, family, split, cfg, progress, last, lr):
+def progress_check(model, family, split, cfg, progress, window, lr):
     """Unseen-task exact match on 256 fresh samples (rounded up to whole tasks), and by rule, while
     the lr holds, the training tasks', whose fit starts the decay; kept in progress, and returned
     as a line. Its generator is seeded by the step, apart from training's, so that evaluations
     never change what training sees."""
-    step, loss = progress["step"], last["loss"].item() / (progress["step"] - last["step"])
+    step, loss = progress["step"], window["loss"].item() / (progress["step"] - window["step"])
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")
     trained = time.time()  # the speed is of training alone, not of this check's evaluation
@@ -522,16 +524,17 @@ def progress_check(model, family, split, cfg, progress, last, lr):
         fit = evaluate(model, family, split.train, cfg, seeded(), 256)["exact_match_generated"]
         record["train_exact_match"] = fit
         line += f" | training tasks {fit:.3f}"
-        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):
+        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):  # the step rule
             progress["decay_start"] = step
             line += f", so the lr decays until step {last_step(cfg, progress)}"
     progress["history"].append(record)
-    for goal in ["0.90", "0.98"] + [f"{cfg.target_accuracy}"] * (cfg.target_accuracy is not None):
+    targets = [] if cfg.target_accuracy is None else [f"{cfg.target_accuracy}"]
+    for goal in ["0.90", "0.98"] + targets:
         if record["unseen_exact_match"] >= float(goal) and goal not in progress["milestones"]:
             progress["milestones"][goal] = dict(step=step, wall_seconds=progress["wall_seconds"])
-    line += " | " + speed(cfg, model, progress, last, trained)
-    last.update(step=step, time=time.time())
-    last["loss"].zero_()
+    line += " | " + speed(cfg, model, progress, window, trained)
+    window.update(step=step, time=time.time())  # the next window starts
+    window["loss"].zero_()
     return line
 
 
@@ -553,15 +556,16 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
     model, optimizer, generator = init(family, split, cfg, device, log)
     tasks = torch.as_tensor(split.train, device=device)
     dataset = None if cfg.n_train_total is None else fixed_dataset(family, split.train, cfg, device)
-    positions = answer_positions(family, cfg, device)
+    positions = loss_positions(family, cfg, device)
     step_model = torch.compile(model) if cfg.compile else model  # evaluation's shapes vary
     identity = identity or asdict(cfg)
     progress = dict(step=0, wall_seconds=0.0, history=[], milestones={}, decay_start=None)
     if resume:
         progress = load_checkpoint(resume, identity, model, optimizer, generator, log)
-    step, start, t0 = progress["step"], dict(progress), time.time() - progress["wall_seconds"]
-    last = dict(step=step, time=time.time(), save=time.time(), status=time.time(),
-                loss=torch.zeros((), device=device))
+    step = first_step = progress["step"]
+    began = saved = shown = time.time()  # saved, shown: the last checkpoint, status line
+    t0 = began - progress["wall_seconds"]  # wall_seconds counts earlier processes' time too
+    window = dict(step=step, time=began, loss=torch.zeros((), device=device))  # since a check
     while step < last_step(cfg, progress):
         # determine and set the learning rate
         lr = learning_rate(step, cfg, progress["decay_start"])
@@ -569,32 +573,31 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
             group["lr"] = lr
         # forward, backward, update
         batch = get_batch(step, family, tasks, dataset, cfg, generator)
-        last["loss"] += train_step(step_model, optimizer, batch, positions, cfg.grad_clip,
+        window["loss"] += train_step(step_model, optimizer, batch, positions, cfg.grad_clip,
                                    cfg.precision)
         step = progress["step"] = step + 1
         progress["wall_seconds"] = time.time() - t0
         # evaluate (and by rule, check the fit that starts the decay); else a line every 15 s
         if step % cfg.eval_every == 0 or step == last_step(cfg, progress):
-            log(progress_check(model, family, split, cfg, progress, last, lr))
-        elif status and time.time() - last["status"] > STATUS_SECONDS:
-            status(f"step {step:6d} | loss {last['loss'].item() / (step - last['step']):.4f} | "
-                   + speed(cfg, model, progress, last))
-            last["status"] = time.time()
+            log(progress_check(model, family, split, cfg, progress, window, lr))
+        elif status and time.time() - shown > STATUS_SECONDS:
+            status(f"step {step:6d} | loss {window['loss'].item() / (step - window['step']):.4f} | "
+                   + speed(cfg, model, progress, window))
+            shown = time.time()
         # checkpoint every two minutes, and before a stop
         stopping = stop is not None and stop(step)
-        if save and (stopping or time.time() - last["save"] > CHECKPOINT_SECONDS):
+        if save and (stopping or time.time() - saved > CHECKPOINT_SECONDS):
             save_checkpoint(save, model, optimizer, generator, progress, identity)
-            last["save"] = time.time()
+            saved = time.time()
         if stopping:
             raise Interrupted(step, save)
     if save:
         save_checkpoint(save, model, optimizer, generator, progress, identity)
-    tokens = cfg.batch_size * model.config.block_size * (step - start["step"])
-    seconds = max(1e-9, time.time() - t0 - start["wall_seconds"])
+    tokens = cfg.batch_size * model.config.block_size * (step - first_step)
+    seconds = max(1e-9, time.time() - began)
     return model, dict(steps=step, wall_seconds=progress["wall_seconds"],
                        history=progress["history"], tokens_per_second=tokens / seconds,
-                       time_to_accuracy=progress["milestones"],
-                       n_parameters=model.n_params)
+                       time_to_accuracy=progress["milestones"], n_parameters=model.n_params)
 
 
 # ----------------------------------------------------------------------------- evaluation

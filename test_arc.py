@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 import arc
 import run
-from arc import (Config, Exclusion, Interrupted, answer_positions, build_model, difficulty_at,
-                 evaluate, final_evaluation, fixed_dataset, get_batch, learning_rate,
-                 load_checkpoint, make_optimizer, parse_task_count, read_checkpoint, score,
+from arc import (Config, Exclusion, Interrupted, build_model, difficulty_at, evaluate,
+                 final_evaluation, fixed_dataset, get_batch, learning_rate, load_checkpoint,
+                 loss_positions, make_optimizer, parse_task_count, read_checkpoint, score,
                  split_tasks, train, train_step)
 from gpt import GPT, GPTConfig, rotate
 from tasks import (ARITHMETIC_OPS, LANGUAGES, MEANINGS, WORDS, AllTuples, Arithmetic,
@@ -596,7 +596,7 @@ def test_training_and_evaluation_keep_every_tensor_on_the_device(family, positio
     # meta has no generators: None below
     tasks = torch.zeros((4, family.n_steps), dtype=torch.long, device=meta)
     tokens = make_batch(family, tasks, cfg.context_length, cfg.cot, None).tokens
-    loss = train_step(model, optimizer, tokens, answer_positions(family, cfg, meta), cfg.grad_clip)
+    loss = train_step(model, optimizer, tokens, loss_positions(family, cfg, meta), cfg.grad_clip)
     assert loss.device == meta
     steps_right = score(model, family, tasks[:2], cfg, None, n_samples=4)
     assert steps_right.device == meta
@@ -759,7 +759,7 @@ def test_a_cpu_checkpoint_loads_into_a_fused_adamw(tmp_path):
                     quiet)
     assert all(group["fused"] for group in optimizer.param_groups)  # not the saved groups' False
     tokens = get_batch(3, family, torch.as_tensor(split.train), None, cfg, torch.Generator())
-    loss = train_step(model, optimizer, tokens, answer_positions(family, cfg, torch.device("cpu")),
+    loss = train_step(model, optimizer, tokens, loss_positions(family, cfg, torch.device("cpu")),
                       cfg.grad_clip)
     assert math.isfinite(loss.item())
     for p, state in optimizer.state.items():  # the saved 3 steps and this one
@@ -782,7 +782,7 @@ def test_the_authors_optimizer_settings():
     # no clipping with grad_clip 0: a huge gradient moves the weights as AdamW alone would
     batch = make_batch(family, torch.tensor([[0, 1]] * 4), 4, True,
                        torch.Generator().manual_seed(0)).tokens
-    positions = answer_positions(family, cfg, torch.device("cpu"))
+    positions = loss_positions(family, cfg, torch.device("cpu"))
     clipped = []
     original = torch.nn.utils.clip_grad_norm_
     torch.nn.utils.clip_grad_norm_ = lambda *args: clipped.append(args) or original(*args)
@@ -1319,7 +1319,7 @@ def test_cuda_fused_adamw_resumes_from_a_cpu_checkpoint(tmp_path):
     assert optimizer.param_groups[0]["fused"] is True
     tokens = get_batch(3, family, torch.as_tensor(split.train, device=device), None, cfg,
                        torch.Generator(device))
-    train_step(model, optimizer, tokens, answer_positions(family, cfg, device), cfg.grad_clip)
+    train_step(model, optimizer, tokens, loss_positions(family, cfg, device), cfg.grad_clip)
     for p, state in optimizer.state.items():  # the saved 3 steps and this one, on the GPU
         assert state["step"].device == p.device and state["step"].item() == 4
     _, stats = train(family, split, cfg, log=quiet, resume=str(tmp_path / "c.pt"),
@@ -1336,7 +1336,7 @@ def test_cuda_train_step_does_not_wait_for_the_device():
     tasks = torch.as_tensor(family.universe.tuples(range(cfg.batch_size)), device=device)
     tokens = make_batch(family, tasks, cfg.context_length, cfg.cot,
                         torch.Generator(device).manual_seed(0)).tokens
-    positions = answer_positions(family, cfg, device)
+    positions = loss_positions(family, cfg, device)
     train_step(model, optimizer, tokens, positions, cfg.grad_clip)  # makes the state, layouts
     torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
     try:

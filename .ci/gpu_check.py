@@ -36,7 +36,7 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
         return (time.perf_counter() - start) / repeats
 
     model = arc.build_model(family, cfg).to(device)
-    optimizer, positions = arc.make_optimizer(model, cfg), arc.answer_positions(family, cfg, device)
+    optimizer, positions = arc.make_optimizer(model, cfg), arc.loss_positions(family, cfg, device)
     tasks = torch.as_tensor(family.universe.tuples(
         [r % family.universe.size for r in range(cfg.batch_size)]), device=device)
     batch = make_batch(family, tasks, cfg.context_length, cfg.cot, generator)
