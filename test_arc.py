@@ -716,6 +716,18 @@ def test_checkpoints_are_written_between_evaluations_too(tmp_path, monkeypatch):
     assert saved_steps[:5] == [1, 2, 3, 4, 5] and saved_steps[-1] == 6
 
 
+def test_a_watched_run_shows_its_step_loss_speed_and_eta_between_evaluations(monkeypatch):
+    monkeypatch.setattr(arc, "STATUS_SECONDS", 0.0)
+    family, split = parity_split()
+    shown, logged = [], []
+    train(family, split, small_config(), log=logged.append, identity=None, status=shown.append)
+    # a status line at every step but those that log a progress check (3 and 6)
+    assert [int(line.split()[1]) for line in shown] == [1, 2, 4, 5]
+    assert all(re.fullmatch(r"step +\d+ \| loss \d+\.\d{4} \| [\d,]+ tok/s \| \d+s elapsed, "
+                            r"ETA \d+s", line) for line in shown)
+    assert sum(line.startswith("step") for line in logged) == 2
+
+
 def test_a_checkpoint_from_another_device_type_resumes_with_fresh_data(tmp_path):
     family, split = parity_split()
     half, cfg = tmp_path / "half.pt", small_config()
