@@ -138,9 +138,8 @@ class TaskSplit:
     uncovered: list  # the (step, option) pairs some task uses but no training task does
     test_uncovered: np.ndarray  # (n_test,) int: how many uncovered pairs each test task uses
     n_total: int
-    # the unseen exact match of a model exact wherever each (step, option) pair was trained, and a
-    # coin flip at each untrained one (parity's answers are bits; with more values, guessing is
-    # worse)
+    # unseen exact match if exact where every (step, option) pair was trained and a coin flip at
+    # each untrained one (parity's answers are bits; with more values, guessing scores less)
     ceiling: float
 
 
@@ -236,7 +235,7 @@ class Exclusion:
         nor test tasks, as long as those are not too rare."""
         n_total = universe.size
         n_allowed = n_total - self.n_excluded(universe) - int((~test_excluded).sum())
-        if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):  # or none
+        if n_train * n_total > MAX_REJECTION_DRAWS * (n_allowed - n_train + 1):  # rare or none
             raise ValueError(f"the exclusion leaves {n_allowed} possible training tasks (of "
                              f"{n_total}, {len(test_ranks)} kept for testing): too few to draw "
                              f"{n_train} of them at random; ask for fewer or exclude less")
@@ -574,7 +573,7 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
         # forward, backward, update
         batch = get_batch(step, family, tasks, dataset, cfg, generator)
         window["loss"] += train_step(step_model, optimizer, batch, positions, cfg.grad_clip,
-                                   cfg.precision)
+                                     cfg.precision)
         step = progress["step"] = step + 1
         progress["wall_seconds"] = time.time() - t0
         # evaluate (and by rule, check the fit that starts the decay); else a line every 15 s
