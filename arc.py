@@ -335,10 +335,18 @@ def make_optimizer(model, cfg, fused=None):
 
 
 # ----------------------------------------------------------------------------- the learning rate
-# Warmup, then a cosine decay to min_lr. With cfg.steps the cosine spans them (or schedule_steps).
-# By rule the lr holds until a progress check finds the training tasks fitted (progress's
-# decay_start); the cosine then spans decay_fraction times the steps so far, and training ends
-# with it.
+# Warmup, then a cosine decay to min_lr. With cfg.steps the cosine spans them (or schedule_steps)
+# and training ends there. Without, by rule: the lr holds until a progress check finds the
+# training tasks fitted (decay_starts), and that check's step becomes progress's decay_start; the
+# cosine then spans decay_fraction times the steps so far, and training ends with it (last_step).
+# A run that reaches target_accuracy ends at that check.
+def decay_starts(cfg, step, fit):
+    """By rule, at the progress check of step while the lr holds (fit: the training tasks' exact
+    match): whether the decay starts: fitted, or the last check whose decay ends by max_steps."""
+    latest = max(1, math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every))
+    return fit >= cfg.fit_accuracy or step >= latest * cfg.eval_every
+
+
 def cosine_span(cfg, decay_start):
     """The cosine's first and last step; by rule, None while the lr holds."""
     if cfg.steps:
@@ -366,12 +374,6 @@ def last_step(cfg, progress):
         return progress["step"]
     span = cosine_span(cfg, progress["decay_start"])
     return cfg.steps or min(cfg.max_steps, span[1] if span else cfg.max_steps)
-
-
-def latest_decay_start(cfg):
-    """By rule: the last progress check at which the decay may start and still end by max_steps."""
-    checks = math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every)
-    return max(1, checks) * cfg.eval_every
 
 
 # ----------------------------------------------------------------------------- a training step
@@ -452,9 +454,9 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     if differing:
         raise ValueError(f"checkpoint {path} belongs to another run (saved, now): {differing}")
     model.load_state_dict(state["model"])
-    fused = optimizer.param_groups[0]["fused"]
-    for group in state["optimizer"]["param_groups"]:  # as this device's optimizer has it, so that
-        group["fused"] = fused  # the step counters land where a fused AdamW needs them
+    fused = optimizer.param_groups[0]["fused"]  # as here, not as saved: a fused AdamW (CUDA)
+    for group in state["optimizer"]["param_groups"]:  # needs its step counters on its device
+        group["fused"] = fused
     optimizer.load_state_dict(state["optimizer"])
     step = state["progress"]["step"]
     if state["generator_device"] == generator.device.type:
@@ -504,7 +506,7 @@ def speed(cfg, model, progress, window, now=None):
 
 
 def progress_check(model, family, split, cfg, progress, window, lr):
-    """Unseen-task exact match on 256 fresh samples (rounded up to whole tasks), and by rule, while
+    """Unseen-task exact match on at least 256 fresh samples, as many a task; by rule, while
     the lr holds, the training tasks', whose fit starts the decay; kept in progress, and returned
     as a line. Its generator is seeded by the step, apart from training's, so that evaluations
     never change what training sees."""
@@ -523,7 +525,7 @@ def progress_check(model, family, split, cfg, progress, window, lr):
         fit = evaluate(model, family, split.train, cfg, seeded(), 256)["exact_match_generated"]
         record["train_exact_match"] = fit
         line += f" | training tasks {fit:.3f}"
-        if fit >= cfg.fit_accuracy or step >= latest_decay_start(cfg):  # the step rule
+        if decay_starts(cfg, step, fit):
             progress["decay_start"] = step
             line += f", so the lr decays until step {last_step(cfg, progress)}"
     progress["history"].append(record)
