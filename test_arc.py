@@ -720,7 +720,7 @@ def test_a_watched_run_shows_its_step_loss_speed_and_eta_between_evaluations(mon
     monkeypatch.setattr(arc, "STATUS_SECONDS", 0.0)
     family, split = parity_split()
     shown, logged = [], []
-    train(family, split, small_config(), log=logged.append, identity=None, status=shown.append)
+    train(family, split, small_config(), log=logged.append, status=shown.append)
     # a status line at every step but those that log a progress check (3 and 6)
     assert [int(line.split()[1]) for line in shown] == [1, 2, 4, 5]
     assert all(re.fullmatch(r"step +\d+ \| loss \d+\.\d{4} \| [\d,]+ tok/s \| \d+s elapsed, "
