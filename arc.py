@@ -19,12 +19,10 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig
 from tasks import make_batch, require
 
-
 # ----------------------------------------------------------------------------- the settings
 def setting(default, doc, **flag):
     """A Config field: its default, its one-line meaning (the --help), and argparse extras."""
     return field(default=default, metadata=dict(doc=doc, **flag))
-
 
 @dataclass
 class Config:
@@ -76,7 +74,6 @@ class Config:
                              choices=("auto", "fp32", "bf16"))
     compile: bool = setting(False, "torch.compile the training step's model")
 
-
 AT_LEAST_ONE = ("context_length", "n_layers", "n_heads", "width", "batch_size", "eval_every",
                 "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps",
                 "n_train_total")  # unless None (not set)
@@ -106,7 +103,6 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
      "bf16 autocast is supported here on cpu and cuda, not {device}"),
 ]
 
-
 def check(cfg):
     """Refuse settings that no run can have, with the first rule they break."""
     settings = asdict(cfg)
@@ -115,7 +111,6 @@ def check(cfg):
     for rule, error in CHECKS:
         if not eval(rule, {"inf": math.inf}, settings):
             raise ValueError(error.format(**settings))
-
 
 # ----------------------------------------------------------------------------- the split
 def parse_task_count(spec, n_options):
@@ -129,7 +124,6 @@ def parse_task_count(spec, n_options):
                          f"such as 3dlogd, got {spec!r}")
     return count
 
-
 @dataclass
 class TaskSplit:
     train: np.ndarray  # (n_train, T), in rank order
@@ -142,7 +136,6 @@ class TaskSplit:
     # each untrained one (parity's answers are bits; with more values, guessing scores less)
     ceiling: float
 
-
 def random_below(rng, n):
     """A uniform integer in 0..n-1, of any size (Python integers), from rng's random bytes."""
     n_bytes = (n.bit_length() + 7) // 8
@@ -150,7 +143,6 @@ def random_below(rng, n):
         r = int.from_bytes(rng.bytes(n_bytes), "little") >> (8 * n_bytes - n.bit_length())
         if r < n:
             return r
-
 
 def uniform_ranks(rng, n, count):
     """count distinct integers of 0..n-1, uniformly, in the order drawn, at a cost that grows with
@@ -162,14 +154,12 @@ def uniform_ranks(rng, n, count):
         drawn[random_below(rng, n)] = None
     return list(drawn)
 
-
 def nth_untaken(positions, taken):
     """For each j of positions, the j-th (0-based) non-negative integer that is not in taken."""
     # below the i-th smallest taken integer t_i lie t_i - i untaken ones; the j-th untaken one is
     # j plus the count of taken integers below it: those with at most j untaken ones below them
     untaken_below = [t - i for i, t in enumerate(sorted(taken))]
     return [j + bisect.bisect_right(untaken_below, j) for j in positions]
-
 
 def split_tasks(universe, n_train, seed, exclusion=None, max_test=200):
     """Up to max_test test tasks first, uniformly; then n_train training tasks, uniformly from the
@@ -199,9 +189,7 @@ def split_tasks(universe, n_train, seed, exclusion=None, max_test=200):
     return TaskSplit(train, test, test_excluded, uncovered, test_uncovered, n_total,
                      float(np.mean(0.5 ** test_uncovered)))
 
-
 MAX_REJECTION_DRAWS = 10**7  # an exclusion that would need more draws than this is refused
-
 
 @dataclass
 class Exclusion:
@@ -247,7 +235,6 @@ class Exclusion:
                 ranks.append(rank)
         return ranks
 
-
 def split_for(family, cfg):
     """The split a run's settings ask for, checked."""
     exclusion = None
@@ -268,7 +255,6 @@ def split_for(family, cfg):
     n_train = parse_task_count(cfg.n_train_tasks, family.n_options)
     return split_tasks(family.universe, n_train, cfg.seed, exclusion, cfg.n_test_tasks)
 
-
 # ----------------------------------------------------------------------------- the data
 def loss_positions(family, cfg, device):
     """Positions p whose next token p+1 is an answer token: where the loss is taken."""
@@ -277,13 +263,11 @@ def loss_positions(family, cfg, device):
                        cfg.context_length, cfg.cot, torch.Generator())
     return probe.answer_mask[1:].nonzero().squeeze(1).to(device)
 
-
 def difficulty_at(step, cfg):
     """The inputs' difficulty (ARCFamily.sample) at step: 1, but in an input curriculum the easiest
     for its first 30% (where each answer step's operation shows), then a ramp to 1."""
     length = cfg.input_curriculum * (cfg.steps or 0)
     return 1.0 if step >= length else max(0.0, (step / length - 0.3) / 0.7)
-
 
 def fixed_dataset(family, train_tasks, cfg, device):
     """The authors' setup: n_train_total samples split evenly across the training tasks, drawn on
@@ -292,7 +276,6 @@ def fixed_dataset(family, train_tasks, cfg, device):
     tasks = torch.as_tensor(train_tasks).repeat_interleave(per_task, dim=0)
     return make_batch(family, tasks, cfg.context_length, cfg.cot,
                       torch.Generator().manual_seed(cfg.seed)).tokens.to(device)
-
 
 def get_batch(step, family, train_tasks, dataset, cfg, generator):
     """Step's batch: fresh samples of uniformly drawn training tasks, or the fixed dataset's rows,
@@ -306,12 +289,10 @@ def get_batch(step, family, train_tasks, dataset, cfg, generator):
     order = epoch_order(len(dataset), cfg.seed, epoch, dataset.device)
     return dataset[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
 
-
 @functools.lru_cache(maxsize=1)  # drawn once an epoch, not at every step
 def epoch_order(n, seed, epoch, device):
     seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
     return torch.randperm(n, device=device, generator=torch.Generator(device).manual_seed(seed))
-
 
 # ----------------------------------------------------------------------------- model and optimizer
 def build_model(family, cfg):
@@ -323,7 +304,6 @@ def build_model(family, cfg):
         embedding_std=cfg.embedding_std, example_len=example_len, rotary=cfg.rotary,
         token_shift=cfg.token_shift, input_len=family.input_len if packed else 0))
 
-
 def make_optimizer(model, cfg, fused=None):
     """AdamW, decaying matrices and embeddings as nanoGPT (with decay_all, every parameter, as the
     authors); fused (one kernel for all parameters) on CUDA by default."""
@@ -332,7 +312,6 @@ def make_optimizer(model, cfg, fused=None):
     groups = [dict(params=[p for p in model.parameters() if decayed(p) == on],
                    weight_decay=cfg.weight_decay if on else 0.0) for on in (True, False)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=fused)
-
 
 # ----------------------------------------------------------------------------- the learning rate
 # Warmup, then a cosine decay to min_lr. With cfg.steps the cosine spans them (or schedule_steps)
@@ -346,7 +325,6 @@ def decay_starts(cfg, step, fit):
     latest = max(1, math.floor(cfg.max_steps / (1 + cfg.decay_fraction) / cfg.eval_every))
     return fit >= cfg.fit_accuracy or step >= latest * cfg.eval_every
 
-
 def cosine_span(cfg, decay_start):
     """The cosine's first and last step; by rule, None while the lr holds."""
     if cfg.steps:
@@ -354,7 +332,6 @@ def cosine_span(cfg, decay_start):
     if decay_start is not None:
         return decay_start, decay_start + max(1, round(cfg.decay_fraction * decay_start))
     return None
-
 
 def learning_rate(step, cfg, decay_start=None):
     """Linear warmup, the held lr (by rule), then the cosine to min_lr."""
@@ -366,7 +343,6 @@ def learning_rate(step, cfg, decay_start=None):
     done = min(1.0, (step - span[0]) / max(1, span[1] - span[0]))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * done))
 
-
 def last_step(cfg, progress):
     """Where training ends: at cfg.steps, or by rule where the cosine ends (max_steps while the lr
     holds, and never after them); at once if a progress check reached the target."""
@@ -375,13 +351,11 @@ def last_step(cfg, progress):
     span = cosine_span(cfg, progress["decay_start"])
     return cfg.steps or min(cfg.max_steps, span[1] if span else cfg.max_steps)
 
-
 # ----------------------------------------------------------------------------- a training step
 def autocast(device, precision="auto"):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32) where asked, else fp32."""
     return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
                           dtype=torch.bfloat16, enabled=precision == "bf16")
-
 
 def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto"):
     """One AdamW step on the answer tokens of every example of a batch. Returns the loss as a
@@ -396,7 +370,6 @@ def train_step(model, optimizer, tokens, positions, grad_clip, precision="auto")
     optimizer.step()
     return loss.detach()
 
-
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_write(path, write):
     """Write a file, a text or by write(temporary path), via a temporary file renamed into place,
@@ -410,7 +383,6 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def save_checkpoint(path, model, optimizer, generator, progress, identity):
     """The run as a plain dict: weights, optimizer, random states, progress, and what it is."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), identity=identity,
@@ -419,7 +391,6 @@ def save_checkpoint(path, model, optimizer, generator, progress, identity):
     if generator.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(generator.device)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-
 
 def read_checkpoint(path):
     """A checkpoint's dict, on the CPU (random states must stay there), or one clear error."""
@@ -434,14 +405,12 @@ def read_checkpoint(path):
                          "start the run over")
     return state
 
-
 def differences(saved, now, ignored=()):
     """The settings that differ between a saved run's identity and now's: {name: (saved, now)}.
     A setting newer than the saved run counts as its default."""
     saved = {**asdict(Config()), **saved}
     return {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
             if k not in ignored and saved.get(k) != now.get(k)}
-
 
 def load_checkpoint(path, identity, model, optimizer, generator, log):
     """Restore a run into model, optimizer and generator if it is the same run (identity: its
@@ -471,11 +440,9 @@ def load_checkpoint(path, identity, model, optimizer, generator, log):
     log(f"resumed from {path} at step {step}")
     return state["progress"]
 
-
 # ----------------------------------------------------------------------------- training
 CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be an hour apart
 STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
-
 
 def init(family, split, cfg, device, log):
     """A fresh run's model, optimizer and data generator, drawn from the seed, on device; and a
@@ -494,7 +461,6 @@ def init(family, split, cfg, device, log):
         f"{len(split.test)} unseen tasks of {split.n_total}\n{steps}")
     return model, make_optimizer(model, cfg), generator
 
-
 def speed(cfg, model, progress, window, now=None):
     """Tokens a second since the last progress check, and the time left at that speed."""
     seconds = (now or time.time()) - window["time"]
@@ -503,7 +469,6 @@ def speed(cfg, model, progress, window, now=None):
     bound = "at most " if cfg.steps is None and progress["decay_start"] is None else ""
     return (f"{cfg.batch_size * model.config.block_size / seconds_per_step:,.0f} tok/s | "
             f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
-
 
 def progress_check(model, family, split, cfg, progress, window, lr):
     """Unseen-task exact match on at least 256 fresh samples, as many a task; by rule, while
@@ -538,7 +503,6 @@ def progress_check(model, family, split, cfg, progress, window, lr):
     window["loss"].zero_()
     return line
 
-
 class Interrupted(Exception):
     """Training stopped on request (SIGINT, SIGTERM), after saving a checkpoint where it could."""
     def __init__(self, step, path, resume=None):
@@ -547,7 +511,6 @@ class Interrupted(Exception):
                  f"{resume or f'the same command and --resume {path}'}" if path
                  else "nothing saved (with --save FILE a run can be resumed)")
         super().__init__(f"interrupted at step {step}: {saved}")
-
 
 def train(family, split, cfg, log=print, save=None, resume=None, identity=None, stop=None,
           status=None):
@@ -600,10 +563,8 @@ def train(family, split, cfg, log=print, save=None, resume=None, identity=None, 
                        history=progress["history"], tokens_per_second=tokens / seconds,
                        time_to_accuracy=progress["milestones"], n_parameters=model.n_params)
 
-
 # ----------------------------------------------------------------------------- evaluation
 EVAL_BATCH_TOKENS = 2**17  # an evaluation batch: at most 500 samples and about this many tokens
-
 
 @torch.no_grad()
 def score(model, family, tasks, cfg, generator, n_samples):
@@ -629,7 +590,6 @@ def score(model, family, tasks, cfg, generator, n_samples):
     model.train()
     return torch.cat(steps_right)
 
-
 def evaluate(model, family, tasks, cfg, generator, n_samples):
     """score, as numbers: exact match of the whole answer (greedy decoding's: "generated"), of
     each answer step (the steps before it given right), and per task."""
@@ -638,7 +598,6 @@ def evaluate(model, family, tasks, cfg, generator, n_samples):
     return dict(exact_match_generated=exact.mean().item(),
                 per_step=steps_right.float().mean(0).tolist(),
                 per_task=exact.view(len(tasks), -1).mean(1).tolist(), n_samples=len(exact))
-
 
 def final_evaluation(model, family, split, cfg):
     """Training and unseen tasks; apart, the unseen tasks in and out of an exclusion's

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 @dataclass
 class GPTConfig:
     vocab_size: int
@@ -28,7 +27,6 @@ class GPTConfig:
     input_len: int = 0  # tokens, the first input_len of which (the input x) enter as one position
     token_shift: bool = False  # PackedInputs: every position also gets a map of the previous one
     rotary: bool = False  # queries and keys rotated by position, periodic in an example's positions
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -52,7 +50,6 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, -1, C)))
 
-
 def rotate(t, rotation):
     """Rotary positions: each pair of dimensions (j, j + head_size / 2) of t (B, H, T, head_size)
     turned by its positions' angles, rotation (T, head_size) = (cos, sin), so that a query's score
@@ -60,7 +57,6 @@ def rotate(t, rotation):
     cos, sin = rotation.to(t.dtype).chunk(2, dim=-1)
     a, b = t.chunk(2, dim=-1)
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -76,7 +72,6 @@ class Block(nn.Module):
         x = (x[:, -n_last:] if n_last else x) + self.attn(self.ln_1(x), rotation, n_last)
         return x + self.mlp(self.ln_2(x))
 
-
 class PackedLayout(NamedTuple):
     """Where a sequence's tokens go (PackedInputs.layout); index tensors on the model's device."""
     offset: torch.Tensor  # per token: its offset in its example (below input_len: an input's)
@@ -85,7 +80,6 @@ class PackedLayout(NamedTuple):
     slot_example: torch.Tensor  # per position: its example
     input_slots: torch.Tensor  # the positions that are inputs
     broadcast_source: torch.Tensor  # per position, into [none, inputs]: 0 (an input), 1 + example
-
 
 class PackedInputs(nn.Module):
     """The CPU recipe's input encoding: an example's input tokens enter as ONE position (a learned
@@ -137,7 +131,6 @@ class PackedInputs(nn.Module):
         unpacked = logits.new_zeros(logits.size(0), len(layout.slot), logits.size(-1))
         unpacked[:, layout.predicting] = logits[:, layout.slot[layout.predicting]]
         return unpacked
-
 
 class GPT(nn.Module):
     def __init__(self, config):

@@ -31,7 +31,6 @@ from tasks import Arithmetic, SparseParity, Translation
 
 log = functools.partial(print, flush=True)  # flushed: a run logging to a file can be followed
 
-
 # ----------------------------------------------------------------------------- families and presets
 # A family's flags are its constructor's keywords (tasks.py). A preset is a dict of overrides of
 # Config's fields and the family's flags, checked by name (make_run).
@@ -51,7 +50,6 @@ PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
                         embedding_std=0.02, token_shift=False, weight_decay=0.0, lr=3e-3,
                         batch_size=32, steps=800, eval_every=500),
 }
-
 
 def make_run(name, overrides):
     """The family, Config and settings of `python run.py NAME` with overrides of its preset."""
@@ -76,7 +74,6 @@ def make_run(name, overrides):
     arc.check(cfg)
     return family, cfg, dict(family=name, **flags)
 
-
 # ----------------------------------------------------------------------------- one run
 def check_writable(path, flag):
     """Refuse an output file that could not be written, before training. Makes nothing."""
@@ -89,7 +86,6 @@ def check_writable(path, flag):
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise ValueError(f"--{flag} {path} cannot be written: {error.strerror} in {existing}")
-
 
 def prepare(name, values, out=None, save=None, resume=None):
     """Everything a run needs before training, checked: family, Config, split and identity
@@ -125,7 +121,6 @@ def prepare(name, values, out=None, save=None, resume=None):
     identity = json.loads(json.dumps(dict(flags, **asdict(cfg), train_tasks=split.train.tolist(),
                                           test_tasks=split.test.tolist())))
     return family, cfg, split, identity
-
 
 def run_one(name, values, out=None, save=None, resume=None):
     """One run: split, train, evaluate, write the results JSON, print its table; the results."""
@@ -173,7 +168,6 @@ def run_one(name, values, out=None, save=None, resume=None):
     log(f"\n{results['wall_seconds']:.0f}s, {results['tokens_per_second']:,.0f} training "
         f"tokens/s; results in {out}")
     return results
-
 
 # ----------------------------------------------------------------------------- experiments
 # The authors' setup: GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay 0.01 on every
@@ -235,7 +229,6 @@ EXPERIMENTS = {
         cpu=[("arithmetic", {}), ("translation", {})]),
 }
 
-
 def words(overrides, dashes=""):
     """{"d": 10, "cot": False, "missing_pair": (4, 6)} -> d 10 no-cot missing-pair 4 6: the flags
     that set them, as a list (with dashes="--", as typed)."""
@@ -246,7 +239,6 @@ def words(overrides, dashes=""):
                 [dashes + flag, *map(str, value if isinstance(value, tuple) else [value])])
     return out
 
-
 def experiment_runs(experiment, preset, seeds):
     """The runs, each (name, family, overrides, seed), in a fixed order: the unit of --list and
     --shard. A run's name is its family and what sets it apart from the preset's other runs."""
@@ -255,7 +247,6 @@ def experiment_runs(experiment, preset, seeds):
     own = lambda overrides: {k: v for k, v in overrides.items() if (k, v) not in shared}
     return [("_".join([family, *words(own(overrides)), f"seed{seed}"]), family, overrides, seed)
             for family, overrides in runs for seed in range(seeds)]
-
 
 def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, shard=None,
                    list_runs=False):
@@ -305,13 +296,11 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
             raise Interrupted(stop.step, stop.path, resume="the same command") from None
     return write_summary(experiment, preset, runs, out)
 
-
 def over_seeds(values, digits=3):
     """A figure over seeds: the value for one seed, the mean and range for several."""
     if len(values) < 2:
         return f"{values[0]:.{digits}f}" if values else "-"
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
 
 def by_configuration(done):
     """(family, overrides) -> the results of its seeds, in the experiment's order."""
@@ -319,7 +308,6 @@ def by_configuration(done):
     for family, overrides, result in done:
         groups.setdefault((family, tuple(overrides.items())), []).append(result)
     return groups
-
 
 def write_summary(experiment, preset, runs, out):
     """The folder's finished runs into summary.json and summary.md, with a plot; their results."""
@@ -362,7 +350,6 @@ def write_summary(experiment, preset, runs, out):
     log("\n".join(lines))
     return [r for *_, r in done]
 
-
 def plot(experiment, done, out):
     """Unseen-task exact match over training (seed 0) into OUT/summary.png; its summary line."""
     try:  # a Figure, not pyplot: drawn for a file only, it needs no backend or screen
@@ -383,7 +370,6 @@ def plot(experiment, done, out):
                      lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return f"![{experiment}](summary.png)"
 
-
 def run_all(preset, seeds=1, device="auto", out="out"):
     """Every experiment that has the preset (finished runs skipped), then one report of them."""
     report, seconds = os.path.join(out, f"report-{preset}.md"), 0.0
@@ -399,14 +385,12 @@ def run_all(preset, seeds=1, device="auto", out="out"):
     arc.atomic_write(report, "\n".join(sections) + "\n")
     log(f"\nreport written to {report}")
 
-
 # ----------------------------------------------------------------------------- the command line
 FLAG_GROUPS = {"n_train_tasks": "the split", "context_length": "the data", "n_layers": "the model",
                "lr": "the optimization", "eval_every": "the evaluation", "device": "the machine"}
 PRESET_HELP = dict(cpu="the CPU recipe at sizes a 2-core CPU runs in minutes to hours",
                    long="all five rows of the scaling table on the CPU recipe",
                    paper="the authors' sizes and hyperparameters (a GPU)")
-
 
 def build_parser():
     # allow_abbrev=False: an abbreviation such as --d must never silently mean another flag
@@ -454,7 +438,6 @@ def build_parser():
                              "I-th; the summary covers every finished run in the folder")
     return parser
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -477,7 +460,6 @@ def main(argv=None):
     except BrokenPipeError:  # the output's reader stopped (| head): exit quietly, as a pipe does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
-
 
 if __name__ == "__main__":
     main()

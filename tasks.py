@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 # ----------------------------------------------------------------------------- task universes
 class TaskUniverse:
     """Every tuple (theta_1..theta_T) of a family, T = k steps of D = n options each, indexed and
@@ -22,7 +21,6 @@ class TaskUniverse:
     cost nothing until drawn. Subclasses give the bijection unrank(r) and count(fixed=None,
     avoid=()): how many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no
     option of the set avoid, what exclusions are counted with, by inclusion and exclusion."""
-
     def __init__(self, n, k):
         self.n, self.k = n, k
         self.size = self.count()  # how many tuples there are
@@ -33,11 +31,9 @@ class TaskUniverse:
     def tuples(self, ranks):  # the tuples of ranks, as an int array (len(ranks), T)
         return np.array([self.unrank(r) for r in ranks], dtype=np.int64).reshape(-1, self.k)
 
-
 class SortedTuples(TaskUniverse):
     """k distinct options in increasing order: C(n, k) tuples, ranked by the combinatorial number
     system, rank = sum_i C(theta_i, i + 1) (the colexicographic order)."""
-
     def count(self, fixed=None, avoid=()):
         free = [o for o in range(self.n) if o not in avoid]
         if fixed is None:
@@ -58,11 +54,9 @@ class SortedTuples(TaskUniverse):
             r -= math.comb(c, i + 1)
         return tuple(reversed(task))
 
-
 class OrderedTuples(TaskUniverse):
     """k distinct options in any order: n! / (n-k)! tuples, ranked in the factorial base (digit i
     picks among the n - i options still unused), which is lexicographic order."""
-
     def count(self, fixed=None, avoid=()):
         free = sum(o not in avoid for o in range(self.n))
         if fixed is None:
@@ -76,10 +70,8 @@ class OrderedTuples(TaskUniverse):
             task.append(unused.pop(digit))
         return tuple(task)
 
-
 class AllTuples(TaskUniverse):
     """Any option at every step, repeats allowed: n^k tuples, ranked in base n (lexicographic)."""
-
     def count(self, fixed=None, avoid=()):
         free = sum(o not in avoid for o in range(self.n))
         if fixed is None:
@@ -89,14 +81,12 @@ class AllTuples(TaskUniverse):
     def unrank(self, r):
         return tuple(r // self.n ** i % self.n for i in reversed(range(self.k)))
 
-
 # ----------------------------------------------------------------------------- families
 def require(rules):
     """Refuse settings with the error of the first (holds, error) rule they break."""
     for holds, error in rules:
         if not holds:
             raise ValueError(error)
-
 
 class ARCFamily:
     """The interface of a family. A subclass's constructor takes its command-line flags as keywords
@@ -119,14 +109,12 @@ class ARCFamily:
     def example_len(self, cot):
         return self.input_len + 1 + (self.n_answer_steps if cot else 1) * self.tokens_per_step
 
-
 @dataclass
 class Batch:
     tokens: torch.Tensor  # (B, N * example_len) token ids
     answer_mask: torch.Tensor  # (N * example_len,) bool, True on answer tokens, one for all samples
     answer_len: int  # the query's answer is tokens[:, -answer_len:]
     tokens_per_step: int  # answer token j belongs to step j // tokens_per_step
-
 
 def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
     """N examples of each task, concatenated: input tokens, separator, answer tokens. With cot the
@@ -139,7 +127,6 @@ def make_batch(family, tasks, n_examples, cot, generator, difficulty=1.0):
     is_answer = torch.arange(tokens.size(2), device=tokens.device) > inputs.size(2)
     return Batch(tokens.flatten(1), is_answer.repeat(n_examples), answers.size(2),
                  family.tokens_per_step)
-
 
 class SparseParity(ARCFamily):
     """x uniform in {0,1}^d; theta = k distinct coordinates; y_t = x_theta1 xor ... xor x_thetat."""
@@ -164,11 +151,9 @@ class SparseParity(ARCFamily):
         chosen = x.gather(2, tasks[:, None, :].expand(B, n_examples, self.k))
         return x, (chosen.cumsum(dim=2) % 2).unsqueeze(3)  # the prefix parities
 
-
 ARITHMETIC_OPS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
                   "mul": lambda a, b, p: (a * b) % p, "max": lambda a, b, p: torch.maximum(a, b),
                   "min": lambda a, b, p: torch.minimum(a, b), "absdiff": lambda a, b, p: abs(a - b)}
-
 
 class Arithmetic(ARCFamily):
     """x = (x_0..x_T) uniform in Z_p^(T+1); theta_t is one of D binary operations;
@@ -206,7 +191,6 @@ class Arithmetic(ARCFamily):
             steps.append(y)
         return x, torch.stack(steps, dim=2).unsqueeze(3)
 
-
 # The authors' multi-step translation task: ten languages, twenty meanings (named in English), each
 # meaning's real word in every language. A word two languages share ("gato", "猫") is one token.
 WORDS = {
@@ -230,7 +214,6 @@ WORDS = {
               "شمس قمر نجمة كتاب هاتف حاسوب زهرة كرسي طاولة جبل",
 }
 LANGUAGES, MEANINGS = list(WORDS), WORDS["English"].split()
-
 
 class Translation(ARCFamily):
     """theta = T languages (repeats allowed) from the first D; an example is one random

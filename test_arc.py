@@ -42,12 +42,10 @@ _spec.loader.exec_module(gpu_check)
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HERE = Path(__file__).parent
 
-
 # ----------------------------------------------------------------------------- task splits
 
 UNIVERSES = {SortedTuples: itertools.combinations, OrderedTuples: itertools.permutations,
              AllTuples: lambda options, k: itertools.product(options, repeat=k)}
-
 
 @st.composite
 def small_universes(draw, kinds=tuple(UNIVERSES)):
@@ -56,12 +54,10 @@ def small_universes(draw, kinds=tuple(UNIVERSES)):
     k = draw(st.integers(1, min(n, 4) if kind is not AllTuples else 4))
     return kind(n, k)
 
-
 def listed(universe):
     """Every tuple of a small universe, by itertools: what the indexing must agree with."""
     tuples = UNIVERSES[type(universe)](range(universe.n), universe.k)
     return np.array(list(tuples), dtype=np.int64).reshape(-1, universe.k)
-
 
 @st.composite
 def split_requests(draw, kinds=tuple(UNIVERSES)):
@@ -70,15 +66,12 @@ def split_requests(draw, kinds=tuple(UNIVERSES)):
     n_train = draw(st.integers(1, universe.size - 1))
     return universe, n_train, draw(st.integers(0, 2**31 - 1)), draw(st.integers(1, 300))
 
-
 def as_set(tasks):
     return {tuple(t) for t in np.asarray(tasks).tolist()}
-
 
 def step_options(tasks):
     """The (step, option) pairs that tasks use, steps 1-based."""
     return {(t + 1, o) for task in np.asarray(tasks).tolist() for t, o in enumerate(task)}
-
 
 def rank(universe, task):
     """The rank of task in universe, computed apart from the universe's unrank: the combinatorial
@@ -93,7 +86,6 @@ def rank(universe, task):
         unused.remove(option)
     return r
 
-
 @PROPERTY
 @given(small_universes())
 def test_ranks_index_every_task_once(universe):
@@ -103,7 +95,6 @@ def test_ranks_index_every_task_once(universe):
     assert [rank(universe, task) for task in tasks.tolist()] == list(range(universe.size))
     possible = {(t + 1, o) for t in range(universe.k) for o in universe.options(t)}
     assert possible == step_options(tasks)
-
 
 @PROPERTY
 @given(st.sampled_from([SortedTuples(100, 50), SortedTuples(30, 15), OrderedTuples(40, 20),
@@ -118,7 +109,6 @@ def test_rank_tuple_rank_is_the_identity_in_large_universes(universe, data):
     if isinstance(universe, OrderedTuples):
         assert len(set(task)) == universe.k
 
-
 @PROPERTY
 @given(small_universes(), st.data())
 def test_counts_and_exclusions_are_exact(universe, data):
@@ -132,7 +122,6 @@ def test_counts_and_exclusions_are_exact(universe, data):
     pair = tuple(data.draw(two_options)) if universe.n >= 2 else None
     for exclusion in (Exclusion((c + 1, v)), Exclusion(None, pair), Exclusion((c + 1, v), pair)):
         assert exclusion.n_excluded(universe) == exclusion.excludes(tasks).sum()
-
 
 @PROPERTY
 @given(split_requests())
@@ -152,7 +141,6 @@ def test_split_is_disjoint_counted_and_deterministic(request):
     assert split.test_uncovered.tolist() == [len(step_options([t]) & set(split.uncovered))
                                              for t in split.test.tolist()]
 
-
 @PROPERTY
 @given(split_requests(kinds=[SortedTuples]))
 def test_the_ceiling_is_a_coin_flip_for_each_uncovered_pair_a_test_task_uses(request):
@@ -163,14 +151,12 @@ def test_the_ceiling_is_a_coin_flip_for_each_uncovered_pair_a_test_task_uses(req
     assert split.ceiling == pytest.approx(np.mean([0.5**n for n in uses]))
     assert (split.ceiling == 1.0) == (not any(uses))
 
-
 def test_the_ceiling_is_one_when_training_covers_every_pair():
     # the CPU default: 41 of parity's 210 ordered tasks, every (step, option) pair among them
     family = SparseParity()
     split = arc.split_for(family, Config(device="cpu"))
     assert np.array_equal(split.train, split_tasks(family.universe, 41, seed=0).train)
     assert split.uncovered == [] and split.ceiling == 1.0
-
 
 @PROPERTY
 @given(split_requests())
@@ -184,7 +170,6 @@ def test_test_tasks_do_not_depend_on_the_exclusion(request):
         return
     plain = split_tasks(universe, n_train, seed, max_test=max_test)
     assert np.array_equal(excluded.test, plain.test)
-
 
 @PROPERTY
 @given(split_requests(), st.data())
@@ -216,12 +201,10 @@ def test_exclusions_are_honoured(request, data):
             assert not any(a in t and b in t for t in split.train.tolist())
         assert np.array_equal(split.test_excluded, exclusion.excludes(split.test))
 
-
 def chi_square_critical(df, z=3.09):
     """The chi-square value that df degrees of freedom exceed with probability 0.001
     (Wilson-Hilferty)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
 
 @pytest.mark.parametrize("universe, exclusion", [
     (SortedTuples(6, 3), None), (OrderedTuples(5, 2), None),
@@ -241,7 +224,6 @@ def test_every_task_is_equally_likely_to_be_drawn(universe, exclusion):
         chi_square = ((counts[cells] - expected) ** 2 / expected).sum()
         assert chi_square < chi_square_critical(cells.sum() - 1)
 
-
 def test_splits_of_huge_universes_cost_what_they_draw():
     # C(30, 15) = 155,117,520 tasks, C(100, 50) ~ 1e29: a split costs its draws, not the universe
     for universe, n_train in ((SortedTuples(30, 15), 306), (SortedTuples(100, 50), 500)):
@@ -250,7 +232,6 @@ def test_splits_of_huge_universes_cost_what_they_draw():
         assert time.time() - start < 5
         assert len(as_set(split.train)) == n_train and len(split.test) == 200
         assert not as_set(split.train) & as_set(split.test)
-
 
 @PROPERTY
 @given(small_universes(), st.integers(0, 1000))
@@ -263,7 +244,6 @@ def test_impossible_requests_raise(universe, seed):
     with pytest.raises(ValueError, match="exclusion leaves 0"):
         split_tasks(OrderedTuples(2, 2), 1, seed, Exclusion(missing_pair=(0, 1)))
 
-
 def test_task_counts():
     assert parse_task_count("20", 10) == 20
     assert parse_task_count("3dlogd", 10) == round(3 * 10 * math.log(10)) == 69
@@ -272,7 +252,6 @@ def test_task_counts():
     for bad in ("0", "-1", "abc", "3dlog"):
         with pytest.raises(ValueError):
             parse_task_count(bad, 10)
-
 
 def test_coverage_lists_the_step_options_training_missed():
     family = SparseParity(10, 3, tuples="sorted")
@@ -290,7 +269,6 @@ def test_coverage_lists_the_step_options_training_missed():
     assert all(any(task[step - 1] == option for task in every_task)
                for step, option in split.uncovered)
 
-
 # ----------------------------------------------------------------------------- data
 
 def random_tasks(family, n, generator):
@@ -298,13 +276,11 @@ def random_tasks(family, n, generator):
     ranks = torch.randint(family.universe.size, (n,), generator=generator).tolist()
     return torch.as_tensor(family.universe.tuples(ranks))
 
-
 @st.composite
 def parity_families(draw):
     d = draw(st.integers(2, 8))
     tuples = draw(st.sampled_from(["sorted", "ordered"]))
     return SparseParity(d, draw(st.integers(1, min(d, 4))), tuples=tuples)
-
 
 @PROPERTY
 @given(parity_families(), st.integers(1, 6), st.integers(1, 5), st.booleans(),
@@ -332,7 +308,6 @@ def test_parity_batches(family, n_examples, batch_size, cot, seed):
     mask = batch.answer_mask.view(n_examples, E)
     assert not mask[:, :d + 1].any() and mask[:, d + 1:].all()
     assert batch.answer_len == (k if cot else 1)
-
 
 @PROPERTY
 @given(st.lists(st.sampled_from(sorted(ARITHMETIC_OPS)), min_size=1, max_size=4, unique=True),
@@ -362,7 +337,6 @@ def test_arithmetic_batches_follow_the_step_rule(ops, n_steps, modulus, n_exampl
                 expected.append(y)
             assert answer == (expected if cot else expected[-1:])
 
-
 @PROPERTY
 @given(st.integers(1, 10), st.integers(2, 4), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_translation_batches(n_languages, n_steps, n_examples, seed):
@@ -382,7 +356,6 @@ def test_translation_batches(n_languages, n_steps, n_examples, seed):
                 assert family.tokens[tag] == f"<{family.languages[language]}>"
                 assert family.tokens[word] == WORDS[family.languages[language]].split()[meaning]
 
-
 def test_only_arithmetic_has_easier_inputs():
     tasks = torch.zeros((4, 3), dtype=torch.long)
     for family in (SparseParity(6, 3), Translation(4, 3)):
@@ -398,7 +371,6 @@ def test_only_arithmetic_has_easier_inputs():
     # x_0 is y_0, never made easier
     assert set(inputs[0.0][:, :, 0].unique().tolist()) == set(range(10))
 
-
 def test_translation_vocabulary_has_every_word_once():
     family = Translation(languages=10)
     ids = {token: i for i, token in enumerate(family.tokens)}
@@ -409,7 +381,6 @@ def test_translation_vocabulary_has_every_word_once():
             assert word in ids  # one token, exactly as written (Unicode included)
     assert ids["gato"] == ids[WORDS["Portuguese"].split()[0]]  # a shared surface word: one token
     assert len(family.tokens) == len(set(family.tokens))
-
 
 def test_a_fixed_dataset_gives_every_row_once_an_epoch_in_a_new_order():
     family = SparseParity(6, 2, tuples="sorted")
@@ -429,7 +400,6 @@ def test_a_fixed_dataset_gives_every_row_once_an_epoch_in_a_new_order():
     assert torch.equal(again, dataset)
     assert [rows[tuple(row.tolist())] for row in batch(20, again)] == epochs[1][40:48]
 
-
 def test_input_curriculum_holds_the_easiest_inputs_then_ramps_to_the_true_ones():
     family = Arithmetic(("add", "sub"), 2)
     split = split_tasks(family.universe, 2, seed=0)
@@ -445,7 +415,6 @@ def test_input_curriculum_holds_the_easiest_inputs_then_ramps_to_the_true_ones()
     after = torch.cat([batch(step)[:, 1:3] for step in range(100, 130)])
     assert set(after.unique().tolist()) == set(range(10))  # the true operands, 0 included
 
-
 def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
     family = Arithmetic(("add", "sub"), 2)
     split = split_tasks(family.universe, 2, seed=0)
@@ -457,7 +426,6 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
     evaluate(model, family, split.test, cfg, torch.Generator().manual_seed(0), n_samples=8)
     assert difficulties and set(difficulties) == {1.0}
 
-
 # ----------------------------------------------------------------------------- model
 
 # The input encodings as (example_len, input_len, token_shift, rotary): GPT-2's absolute
@@ -466,14 +434,12 @@ def test_evaluation_draws_the_true_inputs_even_under_an_input_curriculum():
 POSITION_ENCODINGS = st.sampled_from([(0, 0, False, False), (5, 3, False, False),
                                       (5, 3, True, False), (5, 0, False, True), (5, 3, True, True)])
 
-
 def tiny_model(example_len=0, input_len=0, token_shift=False, rotary=False, vocab_size=5,
                block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
                          n_embd=16, example_len=example_len, input_len=input_len,
                          token_shift=token_shift, rotary=rotary)).eval()
-
 
 @PROPERTY
 @given(POSITION_ENCODINGS, st.integers(1, 23), st.integers(0, 2**31 - 1))
@@ -488,7 +454,6 @@ def test_causality(encoding, cut, seed):
         # and a prefix alone gets the logits it has inside the whole sequence
         assert torch.allclose(model(idx[:, :cut]), model(idx)[:, :cut], atol=1e-5)
 
-
 def test_packed_inputs_are_one_position_and_not_predicted():
     model = tiny_model(5, 3)
     idx = torch.randint(5, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -500,7 +465,6 @@ def test_packed_inputs_are_one_position_and_not_predicted():
     predicted = logits.abs().sum(-1) > 0
     assert predicted.tolist() == [[offset >= 2 for _ in range(4) for offset in range(5)]] * 2
 
-
 def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
     model = tiny_model(5, 3)
     idx = torch.randint(5, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -511,7 +475,6 @@ def test_broadcast_puts_each_input_in_its_own_examples_answer_positions():
     # positions: 3 per example (packed input, then 2 answer-side tokens); the second example's
     # move, no other
     assert moved.any(-1)[0].tolist() == [False] * 3 + [True] * 3 + [False] * 6
-
 
 # Examples of 5 tokens, 3 of them input: token 8 is the second example's first answer-side token,
 # at position 4 (positions 0-2 are the first example's); without the shift it moves position 4
@@ -525,7 +488,6 @@ def test_token_shift_puts_each_token_in_its_own_position_and_the_next(token_shif
     with torch.no_grad():
         moved = model.packed(idx, model.wte)[0] != model.packed(changed, model.wte)[0]
     assert moved.any(-1)[0].nonzero().flatten().tolist() == positions
-
 
 @PROPERTY
 @given(st.integers(0, 2), st.integers(0, 2), st.integers(0, 6), st.integers(0, 2**31 - 1))
@@ -542,7 +504,6 @@ def test_rotary_scores_depend_on_the_positions_difference_within_an_example(p, q
     same = lambda i, j: (rotate(query, rotation[i:i + 1]) * rotate(query, rotation[j:j + 1])).sum()
     assert same(p, p + 1) < (query * query).sum() - 1e-3
 
-
 def test_rotary_positions_change_the_logits():
     # attention made sharp (query and key maps at std 1), so that positions matter
     model, plain = tiny_model(5, 3, True, rotary=True), tiny_model(5, 3, True)
@@ -553,11 +514,9 @@ def test_rotary_positions_change_the_logits():
         plain.load_state_dict(model.state_dict())  # the same weights, without the rotation
         assert not torch.allclose(model(idx), plain(idx), atol=1e-2)
 
-
 def test_model_rejects_too_long_sequences():
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny_model()(torch.zeros(1, 25, dtype=torch.long))
-
 
 def test_embedding_std_sets_every_embedding_and_the_tied_head():
     model = GPT(GPTConfig(vocab_size=3, block_size=60, n_layer=1, n_head=2, n_embd=64,
@@ -566,7 +525,6 @@ def test_embedding_std_sets_every_embedding_and_the_tied_head():
     assert len(embeddings) == 4 and model.lm_head.weight is model.wte.weight
     for weight in embeddings:
         assert 0.25 < weight.std().item() < 0.35
-
 
 def test_dropout_acts_in_training_only():
     model = GPT(GPTConfig(vocab_size=5, block_size=24, n_layer=2, n_head=2, n_embd=32,
@@ -577,10 +535,8 @@ def test_dropout_acts_in_training_only():
     model.eval()
     assert torch.equal(model(idx), model(idx))
 
-
 FAMILIES = [SparseParity(5, 2, tuples="ordered"), Arithmetic(("add", "mul"), 3), Translation(3, 3)]
 FAMILY_IDS = ["parity", "arithmetic", "translation"]
-
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
 @pytest.mark.parametrize("position, rotary", [("broadcast", False), ("absolute", False),
@@ -602,7 +558,6 @@ def test_training_and_evaluation_keep_every_tensor_on_the_device(family, positio
     assert steps_right.device == meta
     assert steps_right.shape == (4, family.n_answer_steps)
 
-
 @PROPERTY
 @given(st.sampled_from(FAMILIES), st.sampled_from(["absolute", "broadcast"]), st.booleans(),
        st.integers(0, 2**31 - 1))
@@ -622,7 +577,6 @@ def test_score_is_exact_where_greedy_decoding_is(family, position, rotary, seed)
             sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(steps_right.all(1), (sequence == batch.tokens).all(1))
 
-
 # ----------------------------------------------------------------------------- training
 
 def small_config(**overrides):
@@ -632,22 +586,18 @@ def small_config(**overrides):
         eval_samples=16, warmup_steps=2, position="absolute", embedding_std=0.02,
         token_shift=False, weight_decay=0.0, device="cpu"), **overrides})
 
-
 def parity_split():
     """Sorted pairs of 5 coordinates (10 tasks), 4 of them for training."""
     family = SparseParity(5, 2, tuples="sorted")
     return family, split_tasks(family.universe, 4, seed=0)
 
-
 def quiet(line):
     """A log that drops its lines."""
-
 
 def train_and_evaluate(family, split, cfg, **checkpoints):
     """What a run reports: the training statistics and the final evaluation's task groups."""
     model, stats = train(family, split, cfg, log=quiet, identity=asdict(cfg), **checkpoints)
     return dict(stats, **final_evaluation(model, family, split, cfg))
-
 
 def stopped_at(step, family, split, cfg, path, identity=None):
     """Train until step and stop there, as a signal would: returns the checkpoint it wrote."""
@@ -655,7 +605,6 @@ def stopped_at(step, family, split, cfg, path, identity=None):
         train(family, split, cfg, log=quiet, save=str(path), identity=identity or asdict(cfg),
               stop=lambda now: now == step)
     return read_checkpoint(path)
-
 
 def test_weight_decay_shrinks_matrices_and_embeddings_but_not_biases_or_norms():
     cfg = small_config(position="broadcast", token_shift=True, weight_decay=0.5, lr=0.1)
@@ -671,7 +620,6 @@ def test_weight_decay_shrinks_matrices_and_embeddings_but_not_biases_or_norms():
             assert not torch.equal(p, before[name]), name
         else:  # biases and LayerNorm gains
             assert torch.equal(p, before[name]), name
-
 
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     family, split = parity_split()
@@ -689,7 +637,6 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="another run"):
         train_and_evaluate(family, split, small_config(lr=1e-2), resume=str(half))
 
-
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_default_only(tmp_path):
     # A checkpoint older than a setting was written with that setting's default, and says so.
     family, split = parity_split()
@@ -700,7 +647,6 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default_only(tmp_pat
     with pytest.raises(ValueError, match="another run.*dropout"):
         train_and_evaluate(family, split, small_config(dropout=0.1), resume=str(checkpoint))
     assert train_and_evaluate(family, split, small_config(), resume=str(checkpoint))["steps"] == 6
-
 
 def test_checkpoints_are_written_between_evaluations_too(tmp_path, monkeypatch):
     saved_steps, write = [], arc.atomic_write
@@ -715,7 +661,6 @@ def test_checkpoints_are_written_between_evaluations_too(tmp_path, monkeypatch):
     train(family, split, cfg, log=quiet, save=str(tmp_path / "c.pt"), identity=asdict(cfg))
     assert saved_steps[:5] == [1, 2, 3, 4, 5] and saved_steps[-1] == 6
 
-
 def test_a_watched_run_shows_its_step_loss_speed_and_eta_between_evaluations(monkeypatch):
     monkeypatch.setattr(arc, "STATUS_SECONDS", 0.0)
     family, split = parity_split()
@@ -727,7 +672,6 @@ def test_a_watched_run_shows_its_step_loss_speed_and_eta_between_evaluations(mon
                             r"ETA \d+s", line) for line in shown)
     assert sum(line.startswith("step") for line in logged) == 2
 
-
 def test_a_checkpoint_from_another_device_type_resumes_with_fresh_data(tmp_path):
     family, split = parity_split()
     half, cfg = tmp_path / "half.pt", small_config()
@@ -738,7 +682,6 @@ def test_a_checkpoint_from_another_device_type_resumes_with_fresh_data(tmp_path)
     lines = []
     _, stats = train(family, split, cfg, log=lines.append, resume=str(half), identity=asdict(cfg))
     assert stats["steps"] == 6 and any("written on cuda" in line for line in lines)
-
 
 @pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter:UserWarning")
 def test_a_checkpoint_loads_onto_another_device_keeping_random_states_on_the_cpu(tmp_path):
@@ -760,7 +703,6 @@ def test_a_checkpoint_loads_onto_another_device_keeping_random_states_on_the_cpu
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(state["exp_avg"].device.type == "meta" for state in optimizer.state.values())
 
-
 def test_a_cpu_checkpoint_loads_into_a_fused_adamw(tmp_path):
     family, split = parity_split()
     cfg = small_config()
@@ -776,7 +718,6 @@ def test_a_cpu_checkpoint_loads_into_a_fused_adamw(tmp_path):
     assert math.isfinite(loss.item())
     for p, state in optimizer.state.items():  # the saved 3 steps and this one
         assert state["step"].device == p.device and state["step"].item() == 4
-
 
 def test_the_authors_optimizer_settings():
     torch.manual_seed(0)
@@ -806,7 +747,6 @@ def test_the_authors_optimizer_settings():
     finally:
         torch.nn.utils.clip_grad_norm_ = original
 
-
 def test_training_stops_at_the_target_and_says_when(tmp_path):
     family, split = parity_split()
     cfg = small_config(steps=40, eval_every=4, target_accuracy=0.0, schedule_steps=400)
@@ -818,7 +758,6 @@ def test_training_stops_at_the_target_and_says_when(tmp_path):
     assert again["steps"] == 4
     # the lr decays over 400 steps, not 40
     assert learning_rate(4, cfg) > learning_rate(4, small_config(steps=40, eval_every=4))
-
 
 # Steps by rule (steps=None): the lr holds until a progress check finds the training tasks at
 # fit_accuracy, then decays over decay_fraction times the steps so far; by max_steps at the latest.
@@ -836,9 +775,7 @@ def test_steps_by_rule_decay_from_the_first_check_that_finds_the_training_tasks_
     assert (first["step"], last["step"]) == (4, 6)
     assert first["train_exact_match"] >= 0.01 and "train_exact_match" not in last
 
-
 BY_MAX_STEPS = dict(steps=None, eval_every=4, fit_accuracy=1.0, decay_fraction=0.5, max_steps=20)
-
 
 def test_steps_by_rule_end_by_max_steps_where_the_training_tasks_are_never_fit(tmp_path):
     family, split = parity_split()
@@ -852,7 +789,6 @@ def test_steps_by_rule_end_by_max_steps_where_the_training_tasks_are_never_fit(t
     assert read_checkpoint(checkpoint)["progress"]["decay_start"] == 12
     assert stats["steps"] == 12 + round(0.5 * 12) <= cfg.max_steps
 
-
 def test_steps_by_rule_hold_the_lr_until_the_decay_starts_then_end_at_min_lr():
     cfg = small_config(steps=None, warmup_steps=2, lr=1e-3, min_lr=1e-5, decay_fraction=0.5)
     assert learning_rate(0, cfg) == cfg.lr / 2  # the warmup still comes first
@@ -862,7 +798,6 @@ def test_steps_by_rule_hold_the_lr_until_the_decay_starts_then_end_at_min_lr():
     assert decay[0] == pytest.approx(cfg.lr) and all(a > b for a, b in zip(decay, decay[1:]))
     assert decay[-1] == pytest.approx(cfg.min_lr)
     assert learning_rate(100, cfg, decay_start=12) == pytest.approx(cfg.min_lr)
-
 
 def test_steps_by_rule_resume_after_the_decay_started_as_an_uninterrupted_run(tmp_path):
     family, split = parity_split()
@@ -876,13 +811,11 @@ def test_steps_by_rule_resume_after_the_decay_started_as_an_uninterrupted_run(tm
     for group in ("train_tasks", "unseen_tasks"):
         assert resumed[group] == uninterrupted[group]
 
-
 # ----------------------------------------------------------------------------- the command line
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "run.py", *args], capture_output=True, text=True,
                           cwd=cwd or HERE, timeout=300)
-
 
 def test_a_reader_that_stops_reading_ends_the_output_without_a_traceback():
     # as `python run.py scaling --list | head -1`: here the reader is gone before the first line
@@ -890,7 +823,6 @@ def test_a_reader_that_stops_reading_ends_the_output_without_a_traceback():
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()
     assert process.wait(timeout=60) == 141 and b"Traceback" not in process.stderr.read()
-
 
 def parsed(argv):
     """The parsed arguments of `python run.py ARGV`, and the settings its run has (as run.main
@@ -900,7 +832,6 @@ def parsed(argv):
     if args.command in run.FAMILIES:
         settings |= run.FAMILY_FLAGS[args.command].keys()
     return args, {k: v for k, v in vars(args).items() if k in settings}
-
 
 # A case each: the arguments, and what the error line says (arithmetic has no --d: not an
 # abbreviation of --device).
@@ -967,7 +898,6 @@ BAD_INPUT = [
     ("n-tasks --seeds 0", "seeds must be at least 1"),
 ]
 
-
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[args for args, _ in BAD_INPUT])
 def test_bad_input_is_one_clear_error(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a bad command might write lands here
@@ -980,13 +910,11 @@ def test_bad_input_is_one_clear_error(args, message, capsys, tmp_path, monkeypat
     assert "step" not in captured.out  # no training started
     assert not any(tmp_path.iterdir())  # and nothing was made: no folder, no half-written file
 
-
 def test_a_misspelt_setting_of_a_preset_is_refused_by_name():
     with pytest.raises(ValueError, match="not a setting of parity: n_layer$"):
         run.make_run("parity", {"n_layer": 2})
     with pytest.raises(ValueError, match="not a setting of arithmetic: d, unsorted$"):
         run.make_run("arithmetic", {"d": 5, "unsorted": True, "steps_per_task": 3})
-
 
 def test_every_preset_and_experiment_run_is_a_valid_run():
     as_saved = lambda values: json.loads(json.dumps(values))  # tuples as lists, as argparse has
@@ -1002,7 +930,6 @@ def test_every_preset_and_experiment_run_is_a_valid_run():
         split = run.prepare(name, overrides)[2]
         assert len(split.train) >= 1 and len(split.test) >= 1, (name, overrides)
         assert not Exclusion(cfg.missing_coordinate, cfg.missing_pair).excludes(split.train).any()
-
 
 def test_resume_refuses_a_checkpoint_of_another_run_but_not_other_evaluation_settings(tmp_path,
                                                                                       capsys):
@@ -1021,11 +948,9 @@ def test_resume_refuses_a_checkpoint_of_another_run_but_not_other_evaluation_set
               "--out", out])
     assert json.loads(open(out).read())["unseen_tasks"]["n_samples"] >= 10
 
-
 # a tiny parity run, as a preset's overrides
 TINY_RUN = dict(tuples="sorted", d=5, k=2, width=16, n_heads=2, n_layers=1, context_length=4,
                 eval_samples=16, steps=4, eval_every=2)
-
 
 def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_path, capsys,
                                                                          monkeypatch):
@@ -1051,7 +976,6 @@ def test_an_unreadable_checkpoint_is_one_error_and_a_sweep_sets_it_aside(tmp_pat
     assert (sweep / "parity_seed0.json").exists()
     assert (sweep / "parity_seed0.pt.unreadable").exists()
     assert "set aside" in capsys.readouterr().out
-
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path,
@@ -1083,7 +1007,6 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     for group in ("train_tasks", "unseen_tasks"):
         assert resumed[group] == whole[group]
 
-
 def test_list_and_shards_partition_an_experiments_runs(capsys):
     run.main(["n-tasks", "--preset", "paper", "--list"])
     every = capsys.readouterr().out.split()
@@ -1093,7 +1016,6 @@ def test_list_and_shards_partition_an_experiments_runs(capsys):
         shards.append(capsys.readouterr().out.split())
     assert len(every) == len(set(every)) == 12 and sorted(sum(shards, [])) == sorted(every)
     assert all(len(name) < 200 for name in every)  # file names, with room for a folder's
-
 
 def documented_commands():
     """Every `python run.py ...` of README.md and docs/: a code block's lines, and inline code,
@@ -1107,7 +1029,6 @@ def documented_commands():
         lines += [code.replace("\n", " ") for code in inline]
         commands += [c for line in lines for c in re.findall(r"python run\.py([^#&;|]*)", line)]
     return commands
-
 
 def test_every_command_in_the_readme_and_docs_parses_and_its_runs_can_start(capsys):
     commands = documented_commands()
@@ -1130,7 +1051,6 @@ def test_every_command_in_the_readme_and_docs_parses_and_its_runs_can_start(caps
         except ValueError as error:
             refused.append(f"python run.py{command}: {error}")
     assert not refused, "\n".join(refused)
-
 
 def test_cli_writes_the_results_file(tmp_path):
     out = tmp_path / "r.json"
@@ -1162,7 +1082,6 @@ def test_cli_writes_the_results_file(tmp_path):
     assert data["ceiling"] == pytest.approx(np.mean([0.5**n for n in uses]))
     assert "unseen tasks" in result.stdout  # the closing table
 
-
 def test_benchmark_reports_consistent_speeds():
     # fp32 only: bf16 matmuls are emulated, and slow, on CPUs without bf16 instructions
     family, cfg = SparseParity(4, 2), small_config(batch_size=4)
@@ -1173,7 +1092,6 @@ def test_benchmark_reports_consistent_speeds():
         assert 0 < seconds_or_rate < math.inf
     assert result["tokens_per_sample"] == 4 * 7 and result["batch_size"] == 4
     assert result["n_parameters"] == build_model(family, cfg).n_params
-
 
 def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_path, monkeypatch,
                                                                            capsys):
@@ -1225,7 +1143,6 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
             run.plot(experiment, done, str(tmp_path / experiment))
             assert (tmp_path / experiment / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
-
 def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monkeypatch):
     tiny = dict(TINY_RUN, n_train_tasks="3", warmup_steps=2)
     experiments = {
@@ -1244,18 +1161,15 @@ def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monke
     if importlib.util.find_spec("matplotlib"):
         assert "](n-tasks/cpu/summary.png)" in report
 
-
 # ----------------------------------------------------------------------------- CUDA
 # Skipped without a GPU (`pytest -rs` says so); `python .ci/gpu_check.py gpu-check` runs them.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
 def cuda_config(**overrides):
     """small_config on the GPU, with the recipe's packed inputs and token shift."""
     return small_config(**{**dict(device="cuda", position="broadcast", token_shift=True,
                                   embedding_std=0.3), **overrides})
-
 
 @cuda
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
@@ -1267,7 +1181,6 @@ def test_cuda_training_runs_for_every_family(family):
     assert all(math.isfinite(h["loss"]) for h in stats["history"])
     results = final_evaluation(model, family, split, cfg)
     assert 0 <= results["unseen_tasks"]["exact_match_generated"] <= 1
-
 
 @cuda
 def test_cuda_resume_ends_as_an_uninterrupted_run_up_to_rounding(tmp_path):
@@ -1286,7 +1199,6 @@ def test_cuda_resume_ends_as_an_uninterrupted_run_up_to_rounding(tmp_path):
     for group in ("train_tasks", "unseen_tasks"):
         assert resumed[group]["exact_match_generated"] == pytest.approx(
             uninterrupted[group]["exact_match_generated"], abs=0.05)
-
 
 @cuda
 def test_cuda_scores_the_query_as_the_cpu_does():
@@ -1307,7 +1219,6 @@ def test_cuda_scores_the_query_as_the_cpu_does():
     assert torch.allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-4)
     assert (on_cpu.argmax(-1) == on_gpu.argmax(-1)).float().mean().item() >= 0.99
 
-
 @cuda
 def test_cuda_bf16_autocast_trains_with_a_finite_loss():
     family, split = parity_split()
@@ -1317,7 +1228,6 @@ def test_cuda_bf16_autocast_trains_with_a_finite_loss():
     tokens = torch.zeros((1, model.config.block_size), dtype=torch.long, device="cuda")
     with arc.autocast(torch.device("cuda"), "bf16"):
         assert model(tokens).dtype == torch.bfloat16  # and the matmuls run in bf16
-
 
 @cuda
 def test_cuda_fused_adamw_resumes_from_a_cpu_checkpoint(tmp_path):
@@ -1338,7 +1248,6 @@ def test_cuda_fused_adamw_resumes_from_a_cpu_checkpoint(tmp_path):
                      identity=asdict(cfg))
     assert stats["steps"] == cfg.steps
 
-
 @cuda
 def test_cuda_train_step_does_not_wait_for_the_device():
     family, device = SparseParity(), torch.device("cuda")
@@ -1357,7 +1266,6 @@ def test_cuda_train_step_does_not_wait_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert loss.is_cuda and math.isfinite(loss.item())
 
-
 @cuda
 def test_cuda_fp32_precision_disables_tf32():
     family, split = parity_split()
@@ -1369,7 +1277,6 @@ def test_cuda_fp32_precision_disables_tf32():
     finally:
         torch.set_float32_matmul_precision(previous)
 
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
 def test_gpu_check_without_cuda_is_one_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -1379,7 +1286,6 @@ def test_gpu_check_without_cuda_is_one_error(capsys, tmp_path, monkeypatch):
     assert exit.value.code == 2 and len(lines) == 1
     assert lines[0].startswith("error: ") and "CUDA" in lines[0]
     assert not any(tmp_path.iterdir())
-
 
 # ----------------------------------------------------------------------------- real learning
 
@@ -1396,7 +1302,6 @@ def test_translation_generalizes_to_unseen_tasks():
     assert results["train_tasks"]["exact_match_generated"] > 0.9
     assert results["unseen_tasks"]["exact_match_generated"] > 0.6
 
-
 def test_arithmetic_reads_add_or_sub_off_the_context():
     # Each of 2 steps adds or subtracts: their outputs have the same distribution, so only checking
     # y_t = y_(t-1) +- x_t in the examples tells them apart. 3 tasks train, the 4th is unseen:
@@ -1411,7 +1316,6 @@ def test_arithmetic_reads_add_or_sub_off_the_context():
     results = train_and_evaluate(family, split, cfg)
     assert results["train_tasks"]["exact_match_generated"] > 0.9
     assert results["unseen_tasks"]["exact_match_generated"] > 0.75
-
 
 def test_parity_learns_to_infer_the_task_from_context():
     # Two training tasks, "copy x_a" and "copy x_b": ignoring the context scores 0.75 on them;

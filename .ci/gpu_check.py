@@ -21,7 +21,6 @@ import arc  # noqa: E402  (the project's modules, from the repository root)
 import run  # noqa: E402
 from tasks import make_batch  # noqa: E402
 
-
 def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
     """Training (in each precision), evaluation and data generation, timed."""
     device, generator = torch.device(cfg.device), torch.Generator(cfg.device).manual_seed(0)
@@ -49,7 +48,6 @@ def benchmark(family, cfg, repeats=5, precisions=("fp32", "bf16")):
                 n_parameters=model.n_params, train_step_seconds=step,
                 eval_samples_per_second=256 / evaluation, data_samples_per_second=1024 / data)
 
-
 def run_bench(device="auto", out=None):
     """Training, evaluation and data speed at the paper's shapes and at the CPU default's."""
     runs = {name: run.make_run("parity", dict(overrides, device=device))[:2]
@@ -68,7 +66,6 @@ def run_bench(device="auto", out=None):
     if out:
         arc.atomic_write(out, json.dumps(results, indent=1))
     return results
-
 
 def gpu_check(out="out/gpu-check"):
     """The stages, each with a time limit, OUT/gpu-check.json rewritten after each (so that a
@@ -102,7 +99,6 @@ def gpu_check(out="out/gpu-check"):
         arc.atomic_write(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
         print(f"{stage}: exit {outcome['exit']} in {outcome['seconds']} s", flush=True)
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +113,6 @@ def main(argv=None):
         run_bench(args.device, args.out) if args.command == "bench" else gpu_check(args.out)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-
 
 if __name__ == "__main__":
     main()
