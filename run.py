@@ -27,22 +27,20 @@ import torch
 
 import arc
 from arc import Config, Interrupted
-from tasks import Arithmetic, SparseParity, Translation
+from tasks import Arithmetic, SparseParity, Translation, require
 
 log = functools.partial(print, flush=True)  # flushed: a run logging to a file can be followed
 
 # ----------------------------------------------------------------------------- families and presets
 # A family's flags are its constructor's keywords (tasks.py). A preset is a dict of overrides of
 # Config's fields and the family's flags, checked by name (make_run).
-
 FAMILIES = {"parity": SparseParity, "arithmetic": Arithmetic, "translation": Translation}
 FAMILY_FLAGS = {name: {k: p.default for k, p in inspect.signature(family).parameters.items()}
                 for name, family in FAMILIES.items()}
 FIELDS = {f.name: f for f in fields(Config)}
 PRESETS = {  # where each family departs from the recipe (docs/recipe.md)
     "parity": {},  # `python run.py`: 3 d ln d = 41 of the 210 ordered 3-tuples of 7 coordinates
-    # no weight decay, 12 examples, and an input curriculum, without which add and sub are never
-    # told apart in context: small operands first, where they move y_t in opposite directions
+    # no weight decay, 12 examples, an input curriculum (small operands first: Arithmetic.sample)
     "arithmetic": dict(n_train_tasks="72", context_length=12, weight_decay=0.0,
                        input_curriculum=0.6, steps=12000),
     # a two-layer GPT with GPT-2's learned positions learns translation in a few hundred steps
@@ -170,15 +168,13 @@ def run_one(name, values, out=None, save=None, resume=None):
     return results
 
 # ----------------------------------------------------------------------------- experiments
-# The authors' setup: GPT-2 with dropout 0.1, AdamW (betas 0.9/0.999, weight decay 0.01 on every
-# parameter, no clipping), cosine from 8e-5 to 1e-6 over 8,000 epochs of a fixed 25,000-sample
-# dataset (390 steps each), batch 64, cut to 1,000 epochs or to where a run reaches its target.
-PAPER_RECIPE = dict(n_layers=3, n_heads=1, width=192, context_length=40, position="absolute",
-                    embedding_std=0.02, token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6,
-                    adam_beta2=0.999, weight_decay=0.01, decay_all=True, grad_clip=0.0,
-                    warmup_steps=0, batch_size=64, n_train_total=25000, steps=390000,
-                    schedule_steps=3120000, eval_every=1950)
-PAPER = dict(PAPER_RECIPE, tuples="sorted")  # the paper's parity tasks are sorted tuples
+# The authors' setup, on sorted tuples: the cosine spans 8,000 epochs of a fixed 25,000-sample
+# dataset (390 steps at batch 64), and a run stops at 1,000 epochs or where it reaches its target.
+PAPER = dict(n_layers=3, n_heads=1, width=192, context_length=40, position="absolute",
+             embedding_std=0.02, token_shift=False, dropout=0.1, lr=8e-5, min_lr=1e-6,
+             adam_beta2=0.999, weight_decay=0.01, decay_all=True, grad_clip=0.0, warmup_steps=0,
+             batch_size=64, n_train_total=25000, steps=390000, schedule_steps=3120000,
+             eval_every=1950, tuples="sorted")
 # The paper's scaling table: (d, k, training tasks, unseen-task exact match %), sorted tuples.
 PAPER_SCALING = [(10, 5, 69, 98.51), (15, 7, 121, 99.12), (20, 10, 180, 98.67),
                  (25, 12, 241, 98.60), (30, 15, 306, 98.10)]
@@ -186,11 +182,11 @@ SCALING_ROWS = [("parity", dict(d=d, k=k, tuples="sorted", n_train_tasks=str(n),
                 for d, k, n, _ in PAPER_SCALING]  # rotary: chains of 5 to 15 steps learn together
 N_TASKS = ("0.5dlogd", "dlogd", "2dlogd", "3dlogd")
 EXCLUSIONS = (dict(missing_coordinate=(2, 5)), dict(missing_pair=(4, 6)))  # paper Section 5.1
+SELECTION = dict(d=10, k=3, tuples="sorted", n_train_tasks="2dlogd", n_test_tasks=60)
 # An experiment is data: for each preset, its runs, each a family and the overrides of that
 # family's preset that make it, under the paper's finding. run_experiment runs them all.
 EXPERIMENTS = {
-    "icl-vs-cot": dict(  # the paper's is Parity(10,2); on CPU the default's problem, both with
-        # the same fixed steps, since answer only never fits its training tasks to end a rule
+    "icl-vs-cot": dict(  # the paper's is Parity(10,2); on CPU the default's, both fixed steps
         finding="E1: answer-only in-context learning fails to generalize to unseen tasks; "
                 "chain of thought does.",
         cpu=[("parity", dict(steps=8000, cot=cot)) for cot in (True, False)],
@@ -201,24 +197,19 @@ EXPERIMENTS = {
         cpu=[("parity", dict(d=10, k=3, tuples="sorted", n_train_tasks=n)) for n in N_TASKS],
         paper=[("parity", dict(PAPER, d=d, k=3, n_train_tasks=n)) for d in (10, 15, 20)
                for n in N_TASKS]),
-    "scaling": dict(  # cpu: the table's first two rows; long: all five, with a decay twice as
-        # long as the hold, through which the covered tasks of the longer chains keep improving
+    "scaling": dict(  # cpu: the table's first two rows; long: all five, a decay twice the hold
         finding="E2: at least 98% exact match on unseen tasks for every row of the table, "
                 "from about 3 d ln d training tasks.",
         cpu=SCALING_ROWS[:2], long=[(f, dict(o, decay_fraction=2.0)) for f, o in SCALING_ROWS],
         paper=[("parity", dict(PAPER, d=d, k=k, n_train_tasks=str(n),
                                target_accuracy=round(acc / 100, 4)))
                for d, k, n, acc in PAPER_SCALING]),
-    "task-selection": dict(  # 60 test tasks, half the universe, hold about half of the tasks
-        # that an exclusion removes; 2 d ln d = 46 training tasks from the rest
+    "task-selection": dict(  # 60 test tasks, half the universe; 2 d ln d = 46 training tasks
         finding="E4: a missing coordinate hurts the unseen tasks that use it (OOD); a missing "
                 "pair need not.",
-        cpu=[("parity", dict(d=10, k=3, tuples="sorted", n_train_tasks="2dlogd", n_test_tasks=60,
-                             **exclusion)) for exclusion in EXCLUSIONS],
-        paper=[("parity", dict(PAPER, d=10, k=3, n_train_tasks="2dlogd", n_test_tasks=60,
-                               **exclusion)) for exclusion in EXCLUSIONS]),
-    "context-length": dict(  # the paper's N is 10 to 40 at d = 15, k = 3 and 4; on CPU the
-        # default's problem with N = 10 and 20, for the same fixed steps (N = 10 never fits)
+        cpu=[("parity", dict(SELECTION, **exclusion)) for exclusion in EXCLUSIONS],
+        paper=[("parity", dict(PAPER, **SELECTION, **exclusion)) for exclusion in EXCLUSIONS]),
+    "context-length": dict(  # the paper's N: 10-40 at d = 15, k = 3, 4; on CPU the default's
         finding="E5: a longer context is needed to identify the task.",
         cpu=[("parity", dict(context_length=n, steps=8000)) for n in (10, 20)],
         paper=[("parity", dict(PAPER, d=15, k=k, context_length=n))
@@ -255,10 +246,9 @@ def run_experiment(experiment, preset="cpu", seeds=1, device="auto", out=None, s
     shards run anywhere add up to one summary. Returns the finished runs' results."""
     out = out or os.path.join("out", experiment, preset)
     match = re.fullmatch(r"(\d+)/(\d+)", shard or "1/1")
-    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
-        raise ValueError(f"shard must be I/N with 1 <= I <= N, such as 2/4, got {shard!r}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    require([(match and 1 <= int(match.group(1)) <= int(match.group(2)),
+              f"shard must be I/N with 1 <= I <= N, such as 2/4, got {shard!r}"),
+             (seeds >= 1, f"seeds must be at least 1, got {seeds}")])
     runs = experiment_runs(experiment, preset, seeds)
     mine = runs[int(match.group(1)) - 1::int(match.group(2))]
     if list_runs:
@@ -302,13 +292,6 @@ def over_seeds(values, digits=3):
         return f"{values[0]:.{digits}f}" if values else "-"
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
-def by_configuration(done):
-    """(family, overrides) -> the results of its seeds, in the experiment's order."""
-    groups = {}
-    for family, overrides, result in done:
-        groups.setdefault((family, tuple(overrides.items())), []).append(result)
-    return groups
-
 def write_summary(experiment, preset, runs, out):
     """The folder's finished runs into summary.json and summary.md, with a plot; their results."""
     done = [(family, overrides, json.load(open(path))) for name, family, overrides, _ in runs
@@ -319,7 +302,10 @@ def write_summary(experiment, preset, runs, out):
     lines = [f"# {experiment}, preset {preset}", "", f"Paper: {EXPERIMENTS[experiment]['finding']}",
              "", "| run | seeds | tasks train/all | unseen tasks | training tasks | unseen covered "
              "/ uncovered | ceiling | minutes | s/step | notes |", "|---" * 10 + "|"]
-    for (family, overrides), group in by_configuration(done).items():
+    groups = {}  # (family, overrides) -> the results of its seeds, in the experiment's order
+    for family, overrides, result in done:
+        groups.setdefault((family, tuple(overrides.items())), []).append(result)
+    for (family, overrides), group in groups.items():
         first, config, notes = group[0], group[0]["config"], []
         match = lambda key: over_seeds([r[key]["exact_match_generated"] for r in group if key in r])
         if experiment == "n-tasks":
@@ -345,27 +331,26 @@ def write_summary(experiment, preset, runs, out):
             match("train_tasks"), covered, over_seeds([r["ceiling"] for r in group]),
             over_seeds([r["wall_seconds"] / 60 for r in group], 1),
             over_seeds([r["wall_seconds"] / r["steps"] for r in group]), "; ".join(notes)]) + " |")
-    lines += ["", plot(experiment, done, out)]
+    lines += ["", plot(experiment, groups, out)]
     arc.atomic_write(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
     log("\n".join(lines))
     return [r for *_, r in done]
 
-def plot(experiment, done, out):
-    """Unseen-task exact match over training (seed 0) into OUT/summary.png; its summary line."""
+def plot(experiment, groups, out):
+    """Each group's unseen exact match by step (seed 0) into OUT/summary.png; the summary's line."""
     try:  # a Figure, not pyplot: drawn for a file only, it needs no backend or screen
         import matplotlib.figure
     except ImportError:
         return "Plot skipped: matplotlib is not installed (it is optional: pip install matplotlib)."
-    fig = matplotlib.figure.Figure(figsize=(7, 4.5))
+    fig = matplotlib.figure.Figure(figsize=(7, 4.5), layout="tight")
     ax = fig.subplots()
-    for (family, overrides), group in by_configuration(done).items():
+    for (family, overrides), group in groups.items():
         history = group[0]["history"]
         ax.plot([h["step"] for h in history], [h["unseen_exact_match"] for h in history],
                 marker=".", label=" ".join([family, *words(dict(overrides))]))
     ax.set(xlabel="training step", ylabel="generated exact match, unseen tasks (seed 0)",
            ylim=(0, 1.02), title=f"{experiment}: {EXPERIMENTS[experiment]['finding']}"[:90])
     ax.legend(fontsize=6)
-    fig.tight_layout()
     arc.atomic_write(os.path.join(out, "summary.png"),
                      lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return f"![{experiment}](summary.png)"
@@ -417,8 +402,7 @@ def build_parser():
                                default=PRESETS[name].get(field.name, field.default), **extra)
         group = sub.add_argument_group("the outputs")
         group.add_argument("--out", help="results JSON file (default: out/<family>-<time>.json)")
-        group.add_argument("--save",
-                           help="checkpoint file, written every two minutes and at the end")
+        group.add_argument("--save", help="checkpoint file, saved every two minutes and at the end")
         group.add_argument("--resume", help="continue from this checkpoint, of the same settings")
     for name in [*EXPERIMENTS, "all"]:
         every = name == "all"
@@ -428,7 +412,7 @@ def build_parser():
         sub.add_argument("--preset", choices=choices, default="cpu",
                          help="; ".join(f"{p}: {PRESET_HELP[p]}" for p in choices))
         sub.add_argument("--seeds", type=int, default=1, help="every run with seeds 0..N-1")
-        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto")
+        sub.add_argument("--device", default="auto", help=FIELDS["device"].metadata["doc"])
         sub.add_argument("--out", default="out" if every else None, help=(
             "folder of every experiment's runs and the report (default: out)" if every else
             "folder of the runs' JSON, checkpoints and summary (default: out/EXPERIMENT/PRESET)"))

@@ -1133,14 +1133,14 @@ def test_a_rerun_sweep_skips_finished_runs_and_resumes_a_half_finished_one(tmp_p
         sweep()
     assert (out / f"{finished}.json").stat().st_mtime_ns == finished_before
     # The figure of every experiment from these results; without matplotlib, a note instead.
-    done = [(f, o, result) for (_, f, o, _), result in zip(runs, again)]
+    groups = {(f, tuple(o.items())): [result] for (_, f, o, _), result in zip(runs, again)}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    assert "skipped" in run.plot("n-tasks", done, str(tmp_path / "none"))
+    assert "skipped" in run.plot("n-tasks", groups, str(tmp_path / "none"))
     assert not (tmp_path / "none").exists()
     monkeypatch.undo()
     if importlib.util.find_spec("matplotlib"):
         for experiment in run.EXPERIMENTS:
-            run.plot(experiment, done, str(tmp_path / experiment))
+            run.plot(experiment, groups, str(tmp_path / experiment))
             assert (tmp_path / experiment / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 def test_all_runs_every_experiment_of_the_preset_into_one_report(tmp_path, monkeypatch):
