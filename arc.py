@@ -74,9 +74,8 @@ class Config:
                              choices=("auto", "fp32", "bf16"))
     compile: bool = setting(False, "torch.compile the training step's model")
 
-AT_LEAST_ONE = ("context_length", "n_layers", "n_heads", "width", "batch_size", "eval_every",
-                "eval_samples", "n_test_tasks", "max_steps", "steps", "schedule_steps",
-                "n_train_total")  # unless None (not set)
+AT_LEAST_ONE = """context_length n_layers n_heads width batch_size eval_every eval_samples
+    n_test_tasks max_steps steps schedule_steps n_train_total""".split()  # unless None (not set)
 CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("width % n_heads == 0", "width {width} is not divisible by n-heads {n_heads}"),
     ("0 < lr < inf", "lr must be positive and finite, got {lr}"),
@@ -93,8 +92,7 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("0 < decay_fraction < inf", "decay-fraction must be positive and finite: {decay_fraction}"),
     ("steps or not (input_curriculum or schedule_steps)",
      "input-curriculum and schedule-steps are fractions of a fixed length: give --steps"),
-    ("not (steps and schedule_steps) or schedule_steps >= steps",
-     "schedule-steps must be >= steps"),
+    ("not schedule_steps or schedule_steps >= steps", "schedule-steps must be >= steps"),
     ("target_accuracy is None or 0 <= target_accuracy <= 1", "target-accuracy must be in [0, 1]"),
     ("0 <= input_curriculum <= 1", "input-curriculum must be a fraction in [0, 1]"),
     ("n_train_total is None or not input_curriculum",
@@ -199,13 +197,9 @@ class Exclusion:
 
     def excludes(self, tasks):
         """Bool array (n,): which tasks (n, T) the exclusion removes from training."""
-        (c, v), (a, b) = self.missing_coordinate or (None, None), self.missing_pair or (None, None)
-        removed = np.zeros(len(tasks), dtype=bool)
-        if c is not None:
-            removed |= tasks[:, c - 1] == v
-        if a is not None:
-            removed |= (tasks == a).any(axis=1) & (tasks == b).any(axis=1)
-        return removed
+        # -1 is no option: in place of an exclusion not asked for, it removes nothing
+        (c, v), (a, b) = self.missing_coordinate or (1, -1), self.missing_pair or (-1, -1)
+        return (tasks[:, c - 1] == v) | ((tasks == a).any(axis=1) & (tasks == b).any(axis=1))
 
     def n_excluded(self, universe):
         """How many tasks of the universe it removes, counted (never listed): |coordinate| +
@@ -445,8 +439,7 @@ CHECKPOINT_SECONDS = 120  # a checkpoint at least this often: evaluations can be
 STATUS_SECONDS = 15  # a line of progress at least this often, for someone watching (status=...)
 
 def init(family, split, cfg, device, log):
-    """A fresh run's model, optimizer and data generator, drawn from the seed, on device; and a
-    description of the run: its model, tasks and step rule."""
+    """A fresh run's model, optimizer and data generator, from the seed, on device; logs them."""
     if device.type == "cuda":  # TF32 matmuls only where the precision allows them (process-wide)
         torch.set_float32_matmul_precision("high" if cfg.precision == "auto" else "highest")
     torch.manual_seed(cfg.seed)

@@ -4,8 +4,7 @@ A family has D options per step and T steps; a task is a tuple theta = (theta_1.
 each theta_t an option index in 0..D-1. A family says which tuples are its tasks (its
 universe, indexed by rank and never listed), how an input x is drawn, and how each answer step
 y_t follows from (x, y_<t, theta_t). Everything else (the sequence of N examples, chain of
-thought or answer only, the loss mask) is `make_batch`, written once for every family.
-"""
+thought or answer only, the loss mask) is `make_batch`, written once for every family."""
 
 import bisect
 import math
@@ -101,8 +100,7 @@ class ARCFamily:
 
     def __init__(self, tokens):
         self.tokens = list(tokens) + ["<sep>"]  # the separator is a token of its own
-        require([(len(set(self.tokens)) == len(self.tokens),
-                  f"{self.name}: vocabulary has repeated tokens")])
+        assert len(set(self.tokens)) == len(self.tokens), f"{self.name}: a token repeats"
         self.vocab_size, self.separator_id = len(self.tokens), len(self.tokens) - 1
         self.n_options, self.n_steps = self.universe.n, self.universe.k
 
@@ -224,14 +222,13 @@ class Translation(ARCFamily):
                  steps_per_task="T: languages per task (repeats allowed); the query shows step 1")
 
     def __init__(self, languages=6, steps_per_task=6):
-        n_languages, n_steps = languages, steps_per_task
-        require([(1 <= n_languages <= len(LANGUAGES),
-                  f"languages must be in 1..{len(LANGUAGES)}, got {n_languages}"),
-                 (n_steps >= 2, f"steps-per-task must be at least 2 (the query shows step 1), "
-                                f"got {n_steps}")])
-        self.name, self.languages = "translation", LANGUAGES[:n_languages]
-        self.universe = AllTuples(n_languages, n_steps)
-        self.input_len, self.n_answer_steps, self.tokens_per_step = 2, n_steps - 1, 2
+        require([(1 <= languages <= len(LANGUAGES),
+                  f"languages must be in 1..{len(LANGUAGES)}, got {languages}"),
+                 (steps_per_task >= 2, f"steps-per-task must be at least 2 (the query shows step "
+                                       f"1), got {steps_per_task}")])
+        self.name, self.languages = "translation", LANGUAGES[:languages]
+        self.universe = AllTuples(languages, steps_per_task)
+        self.input_len, self.n_answer_steps, self.tokens_per_step = 2, steps_per_task - 1, 2
         words = dict.fromkeys(w for language in self.languages for w in WORDS[language].split())
         super().__init__([f"<{language}>" for language in self.languages] + list(words))
         # (D, n_meanings) token ids of each language's words; the tags come first: tag id = language
