@@ -66,7 +66,7 @@ class Config:
     grad_clip: float = setting(1.0, "gradient norm clipping; 0: none (paper)")
     # the evaluation
     eval_every: int = setting(500, "steps between progress evaluations")
-    eval_samples: int = setting(2000, "fresh samples per task group in the final evaluation")
+    eval_samples: int = setting(2000, "final evaluation: at least this many fresh samples a group")
     target_accuracy: float = setting(None, "stop once unseen-task exact match reaches this")
     # the machine
     device: str = setting("auto", "cpu, cuda, cuda:N, mps, or auto (the best available)")
@@ -231,18 +231,18 @@ class Exclusion:
 
 def split_for(family, cfg):
     """The split a run's settings ask for, checked."""
-    exclusion = None
-    if cfg.missing_coordinate or cfg.missing_pair:
-        # (1, 0) and (0, 1) stand in for an exclusion not asked for: they pass every rule
-        (c, v), (a, b) = cfg.missing_coordinate or (1, 0), cfg.missing_pair or (0, 1)
-        T, last, pair = family.n_steps, family.n_options - 1, cfg.missing_pair
+    exclusion, coordinate, pair = None, cfg.missing_coordinate, cfg.missing_pair
+    if coordinate or pair:
+        (c, v), (a, b) = coordinate or (1, -1), pair or (-1, -1)  # -1: none, as in excludes
+        T, last = family.n_steps, family.n_options - 1
         require([(1 <= c <= T, f"missing-coordinate position must be in 1..{T}, got {c}"),
-                 (0 <= v <= last, f"missing-coordinate value must be in 0..{last}, got {v}"),
-                 (a != b, f"missing-pair needs two different values, got {a} {b}"),
+                 (not coordinate or 0 <= v <= last,
+                  f"missing-coordinate value must be in 0..{last}, got {v}"),
+                 (not pair or a != b, f"missing-pair needs two different values, got {a} {b}"),
                  (not pair or 0 <= min(a, b) <= max(a, b) <= last,
                   f"missing-pair values must be in 0..{last}, got {a} {b}"),
                  (not pair or T >= 2, "missing-pair needs tasks of at least 2 steps")])
-        exclusion = Exclusion(cfg.missing_coordinate, pair)
+        exclusion = Exclusion(coordinate, pair)
         if not exclusion.n_excluded(family.universe):
             raise ValueError("the exclusion removes no task of this family: nothing would be out "
                              "of distribution")
@@ -464,10 +464,10 @@ def speed(cfg, model, progress, window, now=None):
             f"{progress['wall_seconds']:.0f}s elapsed, ETA {bound}{left:.0f}s")
 
 def progress_check(model, family, split, cfg, progress, window, lr):
-    """Unseen-task exact match on at least 256 fresh samples, as many a task; by rule, while
-    the lr holds, the training tasks', whose fit starts the decay; kept in progress, and returned
-    as a line. Its generator is seeded by the step, apart from training's, so that evaluations
-    never change what training sees."""
+    """Unseen-task exact match on at least 256 fresh samples, the same number for each task; by
+    rule, while the lr holds, the training tasks', whose fit starts the decay; kept in progress,
+    and returned as a line. Its generator is seeded by the step, apart from training's, so that
+    evaluations never change what training sees."""
     step, loss = progress["step"], window["loss"].item() / (progress["step"] - window["step"])
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} by step {step}; lower --lr")

@@ -1,9 +1,9 @@
 """Reproduce the paper's ARC task-generalization experiments from the command line.
 
-    python run.py                      # the CPU default: sparse parity, CoT, minutes on a laptop
-    python run.py parity --no-cot      # the same, answer-only in-context learning
-    python run.py parity --help        # every setting, with its meaning in the paper
-    python run.py scaling              # an experiment: its runs, then a summary
+    python run.py                        # the CPU default: sparse parity, CoT, minutes on a laptop
+    python run.py --no-cot --steps 8000  # the same, answer-only in-context learning
+    python run.py parity --help          # every setting, with its meaning in the paper
+    python run.py scaling                # an experiment: its runs, then a summary
 
 The method is arc.py; this file is what surrounds it: flags, presets, sweeps, summaries, reports.
 """

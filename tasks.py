@@ -19,7 +19,7 @@ class TaskUniverse:
     never listed: rank r in 0..size-1 <-> tuple, in Python integers, so that even C(100, 50) tasks
     cost nothing until drawn. Subclasses give the bijection unrank(r) and count(fixed=None,
     avoid=()): how many tuples have theta_c = v (fixed = (c, v), c 0-based; None: any) and use no
-    option of the set avoid, what exclusions are counted with, by inclusion and exclusion."""
+    option of the set avoid (exclusions count the tasks they remove with it)."""
     def __init__(self, n, k):
         self.n, self.k = n, k
         self.size = self.count()  # how many tuples there are
