@@ -1,7 +1,8 @@
 """The paper's method, the same for every ARC family, top to bottom: the settings (Config), the
 split, the data, the model and AdamW, the learning rate, checkpoints (a plain dict), the training
 loop (`train`, after the helpers it calls) and evaluation (exact match of the query's answer).
-A "step" is an optimizer step; the answer's y_1..y_T are its answer steps."""
+A "step" is an optimizer step; the answer's y_1..y_T are its answer steps. A Config reaches the
+method checked (`check`) and naming a device, not "auto": run.py's make_run sees to both."""
 
 import bisect
 import functools
