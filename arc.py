@@ -93,7 +93,7 @@ CHECKS = [  # (what must hold, in the settings' names; the error otherwise)
     ("0 < decay_fraction < inf", "decay-fraction must be positive and finite: {decay_fraction}"),
     ("steps or not (input_curriculum or schedule_steps)",
      "input-curriculum and schedule-steps are fractions of a fixed length: give --steps"),
-    ("not schedule_steps or schedule_steps >= steps", "schedule-steps must be >= steps"),
+    ("not schedule_steps or schedule_steps >= (steps or 0)", "schedule-steps must be >= steps"),
     ("target_accuracy is None or 0 <= target_accuracy <= 1", "target-accuracy must be in [0, 1]"),
     ("0 <= input_curriculum <= 1", "input-curriculum must be a fraction in [0, 1]"),
     ("n_train_total is None or not input_curriculum",

@@ -176,12 +176,12 @@ class Arithmetic(ARCFamily):
         B, N, T, p, device = tasks.size(0), n_examples, self.n_steps, self.modulus, tasks.device
         x = torch.randint(0, p, (B, N, T + 1), generator=generator, device=device)
         if difficulty < 1:
-            # Easier inputs: operands x_1..x_T in 1..k, k growing with difficulty from 1 to p - 1.
+            # Easier inputs: operands x_1..x_T in 1..largest, which grows with difficulty to p - 1.
             # Small operands make add and sub move y in opposite directions, so a step's operation
             # shows in the pair (y_(t-1), y_t) alone; uniform ones leave only the three-way check
             # y_t = y_(t-1) +- x_t, not found by training from scratch (docs/recipe.md, arithmetic).
-            k = 1 + int(difficulty * (p - 1))
-            x[:, :, 1:] = torch.randint(1, k + 1, (B, N, T), generator=generator, device=device)
+            largest = 1 + int(difficulty * (p - 1))
+            x[..., 1:] = torch.randint(1, largest + 1, (B, N, T), generator=generator, device=device)
         y, steps = x[:, :, 0], []
         for t in range(T):  # steps are sequential by definition; each is one batched op
             every_op = torch.stack([ARITHMETIC_OPS[op](y, x[:, :, t + 1], p) for op in self.ops])
